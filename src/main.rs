@@ -1,3 +1,3 @@
-fn main() {
-    println!("wisp");
+fn main() -> std::process::ExitCode {
+    wisp::cli::main()
 }

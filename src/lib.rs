@@ -1,0 +1,9 @@
+//! wisp: containers that start before their image has been downloaded.
+//!
+//! The binary's modules: `cli` (one module per subcommand), `fswalk` (a directory into an EROFS tree),
+//! `objects` (content-addressed object files), `mount` (kernel mounts).
+
+pub mod cli;
+pub mod fswalk;
+pub mod mount;
+pub mod objects;

@@ -1,0 +1,167 @@
+//! Object files named by content: `DIR/<first two hex digits>/<sha256 hex>`, each padded with a sparse
+//! zero tail to a multiple of 4 KiB because the kernel reads EROFS devices in whole blocks (KERNEL.md
+//! G.9). Writes go to a temporary name in the same directory and are renamed into place, so a reader
+//! never sees a partial object.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest as _, Sha256};
+
+/// Block size that every object file is padded to.
+pub const BLOCK: u64 = 4096;
+
+/// `size` rounded up to a whole number of blocks.
+pub fn padded_len(size: u64) -> u64 {
+    size.div_ceil(BLOCK) * BLOCK
+}
+
+/// A directory of uncompressed object files, as the kernel reads them.
+#[derive(Debug, Clone)]
+pub struct ObjectDir {
+    root: PathBuf,
+}
+
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl ObjectDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        ObjectDir { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the object with this digest lives.
+    pub fn path(&self, digest: &[u8; 32]) -> PathBuf {
+        let hex = hex::encode(digest);
+        self.root.join(&hex[..2]).join(hex)
+    }
+
+    /// Whether a complete object with this digest and content size is present.
+    pub fn contains(&self, digest: &[u8; 32], size: u64) -> bool {
+        fs::metadata(self.path(digest)).map(|m| m.is_file() && m.len() == padded_len(size)).unwrap_or(false)
+    }
+
+    /// Copies `src` (of content size `size` and sha256 `digest`) into the store unless it is already
+    /// there. The copy is hashed again while it is written; a mismatch (the source changed under us)
+    /// is an error and leaves nothing behind. Returns whether a new object was written.
+    pub fn put_file(&self, digest: &[u8; 32], size: u64, src: &Path) -> Result<bool> {
+        if self.contains(digest, size) {
+            return Ok(false);
+        }
+        let dest = self.path(digest);
+        let dir = dest.parent().expect("object path has a parent");
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tmp = dir.join(format!(
+            ".tmp.{}.{}.{}",
+            &hex::encode(digest)[..16],
+            std::process::id(),
+            TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let result = (|| -> Result<()> {
+            let mut out = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let input = File::open(src).with_context(|| format!("opening {}", src.display()))?;
+            let (got, n) = copy_hashing(input, &mut out).with_context(|| format!("copying {}", src.display()))?;
+            if n != size || &got != digest {
+                bail!(
+                    "{} changed while it was stored: expected {} bytes with sha256 {}, read {} bytes with sha256 {}",
+                    src.display(),
+                    size,
+                    hex::encode(digest),
+                    n,
+                    hex::encode(got)
+                );
+            }
+            out.set_len(padded_len(size)).with_context(|| format!("padding {}", tmp.display()))?;
+            fs::rename(&tmp, &dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map(|()| true)
+    }
+}
+
+impl ObjectDir {
+    /// Copies `src` into the store under the sha256 of its content, hashing while copying (one read of
+    /// the source). Returns the digest, the content size and whether a new object was written; when the
+    /// object was already present the copy is discarded.
+    pub fn ingest_file(&self, src: &Path) -> Result<([u8; 32], u64, bool)> {
+        fs::create_dir_all(&self.root).with_context(|| format!("creating {}", self.root.display()))?;
+        let tmp = self.root.join(format!(".tmp.ingest.{}.{}", std::process::id(), TMP_SEQ.fetch_add(1, Ordering::Relaxed)));
+        let result = (|| -> Result<([u8; 32], u64, bool)> {
+            let input = File::open(src).with_context(|| format!("opening {}", src.display()))?;
+            let out = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let mut sparse = SparseWriter { file: &out, pos: 0 };
+            let (digest, size) =
+                copy_hashing(input, &mut sparse).with_context(|| format!("copying {}", src.display()))?;
+            if self.contains(&digest, size) {
+                return Ok((digest, size, false));
+            }
+            out.set_len(padded_len(size)).with_context(|| format!("padding {}", tmp.display()))?;
+            let dest = self.path(&digest);
+            let dir = dest.parent().expect("object path has a parent");
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            fs::rename(&tmp, &dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+            Ok((digest, size, true))
+        })();
+        if !matches!(result, Ok((_, _, true))) {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+}
+
+/// Writes sequentially into a file but skips whole zero blocks, leaving holes (the caller sets the
+/// final length), so sparse sources stay sparse in the store.
+struct SparseWriter<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl Write for SparseWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        for block in buf.chunks(BLOCK as usize) {
+            if block.iter().any(|&b| b != 0) {
+                self.file.write_all_at(block, self.pos)?;
+            }
+            self.pos += block.len() as u64;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// sha256 and length of everything `input` yields.
+pub fn hash_reader(mut input: impl Read) -> io::Result<([u8; 32], u64)> {
+    copy_hashing(&mut input, &mut io::sink())
+}
+
+/// Copies `input` to `out`, returning the sha256 and the byte count of what was copied.
+pub fn copy_hashing(mut input: impl Read, out: &mut impl Write) -> io::Result<([u8; 32], u64)> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+    Ok((hasher.finalize().into(), total))
+}

@@ -1,0 +1,258 @@
+//! Shared helpers for wisp's integration tests: requirements checks, tree comparison, fixtures.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Skips (returns false) with a reason, or panics when `WISP_REQUIRE_ALL=1` (CI: a skip is a failure).
+pub fn require(ok: bool, why: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var_os("WISP_REQUIRE_ALL").is_some_and(|v| v == "1") {
+        panic!("required test cannot run: {why}");
+    }
+    eprintln!("skipped: {why}");
+    false
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn wisp_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_wisp"))
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A Debian bookworm minbase root file system made with debootstrap, cached across runs
+/// (`scripts/debian-rootfs`).
+pub fn debian_rootfs() -> PathBuf {
+    let out = run(Command::new(repo_root().join("scripts/debian-rootfs")));
+    PathBuf::from(out.trim())
+}
+
+/// What one path looks like, for comparison.
+#[derive(Debug, PartialEq, Eq)]
+struct Entry {
+    kind: &'static str,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: (i64, i64),
+    size: u64,
+    rdev: u64,
+    target: Option<Vec<u8>>,
+    xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+fn kind_of(ft: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        "dir"
+    } else if ft.is_file() {
+        "file"
+    } else if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_char_device() {
+        "chr"
+    } else if ft.is_block_device() {
+        "blk"
+    } else if ft.is_fifo() {
+        "fifo"
+    } else if ft.is_socket() {
+        "sock"
+    } else {
+        "?"
+    }
+}
+
+/// Every path under `root` (relative, as bytes), depth first, with its lstat.
+fn list(root: &Path) -> Vec<(Vec<u8>, fs::Metadata)> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let abs = root.join(&rel);
+        let meta = fs::symlink_metadata(&abs).unwrap_or_else(|e| panic!("lstat {}: {e}", abs.display()));
+        if meta.is_dir() {
+            for e in fs::read_dir(&abs).unwrap_or_else(|e| panic!("readdir {}: {e}", abs.display())) {
+                stack.push(rel.join(e.unwrap().file_name()));
+            }
+        }
+        out.push((rel.as_os_str().as_bytes().to_vec(), meta));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn xattrs(path: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    wisp::fswalk::read_xattrs(path).unwrap_or_else(|e| panic!("xattrs of {}: {e:#}", path.display()))
+}
+
+fn same_content(a: &Path, b: &Path) -> Result<(), String> {
+    let mut fa = File::open(a).map_err(|e| format!("open {}: {e}", a.display()))?;
+    let mut fb = File::open(b).map_err(|e| format!("open {}: {e}", b.display()))?;
+    let mut ba = vec![0u8; 1 << 20];
+    let mut bb = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        let na = read_full(&mut fa, &mut ba).map_err(|e| format!("read {} at {off}: {e}", a.display()))?;
+        let nb = read_full(&mut fb, &mut bb).map_err(|e| format!("read {} at {off}: {e}", b.display()))?;
+        if na != nb || ba[..na] != bb[..nb] {
+            let first = ba[..na.min(nb)].iter().zip(&bb[..na.min(nb)]).position(|(x, y)| x != y).unwrap_or(na.min(nb));
+            return Err(format!("content differs at byte {}", off + first as u64));
+        }
+        if na == 0 {
+            return Ok(());
+        }
+        off += na as u64;
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Options for [`compare_trees`].
+#[derive(Debug, Clone, Default)]
+pub struct CompareOptions {
+    /// Compare the root directory's own metadata too.
+    pub root_metadata: bool,
+    /// Xattr names to ignore on both sides (e.g. ones the mount adds).
+    pub ignore_xattrs: Vec<Vec<u8>>,
+}
+
+/// Compares two trees path by path: type, mode, uid, gid, mtime (ns), size, content, symlink target,
+/// rdev, xattrs, and which paths share an inode. Returns one line per difference (empty = equal).
+pub fn compare_trees(expected: &Path, actual: &Path, opts: &CompareOptions) -> Vec<String> {
+    let a = list(expected);
+    let b = list(actual);
+    let mut diffs = Vec::new();
+    let bmap: HashMap<&[u8], &fs::Metadata> = b.iter().map(|(p, m)| (p.as_slice(), m)).collect();
+    let amap: HashMap<&[u8], &fs::Metadata> = a.iter().map(|(p, m)| (p.as_slice(), m)).collect();
+    for (p, _) in &b {
+        if !amap.contains_key(p.as_slice()) {
+            diffs.push(format!("{}: unexpected path", String::from_utf8_lossy(p)));
+        }
+    }
+    // Hard-link groups: paths sharing an inode, as sets of paths, on each side.
+    let mut groups_a: HashMap<(u64, u64), Vec<&[u8]>> = HashMap::new();
+    let mut groups_b: HashMap<(u64, u64), Vec<&[u8]>> = HashMap::new();
+    for (p, ma) in &a {
+        let name = String::from_utf8_lossy(p).into_owned();
+        let Some(mb) = bmap.get(p.as_slice()) else {
+            diffs.push(format!("{name}: missing"));
+            continue;
+        };
+        let pa = expected.join(std::ffi::OsStr::from_bytes(p));
+        let pb = actual.join(std::ffi::OsStr::from_bytes(p));
+        if !ma.is_dir() {
+            groups_a.entry((ma.dev(), ma.ino())).or_default().push(p);
+            groups_b.entry((mb.dev(), mb.ino())).or_default().push(p);
+        }
+        if p.is_empty() && !opts.root_metadata {
+            continue;
+        }
+        let entry = |path: &Path, m: &fs::Metadata| {
+            let mut x = xattrs(path);
+            for n in &opts.ignore_xattrs {
+                x.remove(n);
+            }
+            Entry {
+                kind: kind_of(m.file_type()),
+                mode: m.mode(),
+                uid: m.uid(),
+                gid: m.gid(),
+                mtime: (m.mtime(), m.mtime_nsec()),
+                size: if m.is_dir() { 0 } else { m.len() },
+                rdev: m.rdev(),
+                target: m.is_symlink().then(|| fs::read_link(path).unwrap().as_os_str().as_bytes().to_vec()),
+                xattrs: x,
+            }
+        };
+        let (ea, eb) = (entry(&pa, ma), entry(&pb, mb));
+        if ea != eb {
+            diffs.push(format!("{name}: metadata differs\n  expected {ea:?}\n  actual   {eb:?}"));
+            continue;
+        }
+        if ma.is_file() {
+            if let Err(e) = same_content(&pa, &pb) {
+                diffs.push(format!("{name}: {e}"));
+            }
+        }
+    }
+    let norm = |g: HashMap<(u64, u64), Vec<&[u8]>>| {
+        let mut v: Vec<Vec<&[u8]>> = g
+            .into_values()
+            .map(|mut x| {
+                x.sort();
+                x
+            })
+            .filter(|x| x.len() > 1)
+            .collect();
+        v.sort();
+        v
+    };
+    let (ga, gb) = (norm(groups_a), norm(groups_b));
+    if ga != gb {
+        let show = |g: &Vec<Vec<&[u8]>>| {
+            g.iter()
+                .map(|x| x.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>().join(" = "))
+                .collect::<Vec<_>>()
+        };
+        diffs.push(format!("hard-link groups differ:\n  expected {:?}\n  actual   {:?}", show(&ga), show(&gb)));
+    }
+    diffs
+}
+
+/// Data extents of a file as the kernel reports them through SEEK_DATA/SEEK_HOLE.
+pub fn data_extents(path: &Path) -> Vec<(u64, u64)> {
+    let f = File::open(path).unwrap();
+    let size = f.metadata().unwrap().len();
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let start = match rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(pos)) {
+            Ok(s) => s,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => panic!("SEEK_DATA {}: {e}", path.display()),
+        };
+        let end = rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(start)).unwrap().min(size);
+        out.push((start, end));
+        pos = end;
+    }
+    out
+}

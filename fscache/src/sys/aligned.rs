@@ -52,12 +52,6 @@ impl AlignedBuf {
         self.len = self.len.div_ceil(BLOCK) * BLOCK;
         debug_assert!(self.len <= self.cap);
     }
-
-    /// Raw pointer for I/O submission.
-    #[allow(dead_code)] // used by the io_uring loop
-    pub(crate) fn as_ptr(&self) -> *const u8 {
-        self.ptr.as_ptr()
-    }
 }
 
 impl std::ops::Deref for AlignedBuf {
@@ -104,7 +98,7 @@ mod tests {
     fn aligned_zeroed_and_padded() {
         for len in [0, 1, 4095, 4096, 4097, 1 << 20] {
             let mut b = AlignedBuf::zeroed(len);
-            assert_eq!(b.as_ptr() as usize % BLOCK, 0);
+            assert_eq!(b[..].as_ptr() as usize % BLOCK, 0);
             assert_eq!(b.len(), len);
             assert!(b.iter().all(|&x| x == 0));
             if len > 0 {

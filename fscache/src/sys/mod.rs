@@ -36,11 +36,11 @@ pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// A non-blocking, close-on-exec eventfd (used to wake the io_uring loop from worker threads).
-#[allow(dead_code)] // used by the io_uring loop
+/// A blocking, close-on-exec eventfd (wakes the io_uring loop from worker threads; blocking so that an
+/// io_uring read of it waits instead of failing with EAGAIN).
 pub fn eventfd() -> io::Result<OwnedFd> {
     // SAFETY: eventfd(2) takes no pointers; it returns a new fd or -1.
-    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
     if raw < 0 {
         return Err(io::Error::last_os_error());
     }

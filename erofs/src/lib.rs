@@ -3,3 +3,12 @@
 //!
 //! This crate performs no syscalls: callers hand it byte sources and sinks.
 #![forbid(unsafe_code)]
+
+pub mod format;
+pub mod reader;
+pub mod tree;
+pub mod writer;
+
+pub use reader::{CheckReport, DeviceInfo, Image, ReadAt, ReadError};
+pub use tree::{Digest, Extent, FileData, Inode, InodeId, Kind, Metadata, Tree, ROOT};
+pub use writer::{write_image, ContentSource, MemorySource, WriteError, WriteOptions, WriteStats};

@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod cachefiles;
 pub mod cookie;
+pub mod fanotify;
 pub mod proto;
 pub mod ring;
 

@@ -14,6 +14,7 @@ pub mod backend;
 pub mod cachefiles;
 pub mod cookie;
 pub mod fanotify;
+pub mod fdpass;
 pub mod proto;
 pub mod ring;
 

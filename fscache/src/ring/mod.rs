@@ -3,7 +3,7 @@
 //! Design. One loop thread owns the io_uring instance. It polls `/dev/cachefiles` for POLLIN, reads
 //! messages (one per read, until a read returns 0; KERNEL.md A.5), writes `copen` replies, and writes
 //! filled object data to the anonymous fds, each submission owning its buffer and fd in a slab keyed by
-//! `user_data` ([`crate::sys::uring`]). Everything that may block on the network (the [`Backend`]'s
+//! `user_data` (the private `sys::uring` module). Everything that may block on the network (the [`Backend`]'s
 //! `open`/`fill`/`close`) runs on a small pool of worker threads, which post their results back through
 //! a queue and wake the loop with an eventfd that the loop also reads through io_uring. So a slow fetch
 //! occupies one worker, never the loop: other OPENs and READs keep flowing, up to the pool size in

@@ -333,3 +333,14 @@ pub fn sample_tree() -> Tree {
     );
     t
 }
+
+/// A valid POSIX ACL xattr blob (version 2; user::rw-, group::r--, other::r--), which the kernel parses.
+pub fn valid_acl() -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm) in [(1u16, 6u16), (4, 4), (0x20, 4)] {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&u32::MAX.to_le_bytes());
+    }
+    v
+}

@@ -4,6 +4,11 @@
 //! `objects` (content-addressed object files), `mount` (kernel mounts).
 
 pub mod cli;
+pub mod convert;
 pub mod fswalk;
+pub mod imagefile;
 pub mod mount;
 pub mod objects;
+pub mod oci;
+pub mod store;
+pub mod tree;

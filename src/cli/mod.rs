@@ -4,9 +4,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod convert;
 mod fsck;
 mod inspect;
 mod mkfs;
+mod pull;
 
 #[derive(Debug, Parser)]
 #[command(name = "wisp", version, about = "Containers that start before their image has been downloaded")]
@@ -23,6 +25,10 @@ enum Command {
     Inspect(inspect::Args),
     /// Check an EROFS image's structure.
     Fsck(fsck::Args),
+    /// Convert an OCI image into a wisp index image plus content-addressed objects.
+    Convert(convert::Args),
+    /// Fetch an index image and its objects and write the whole tree (`--eager`).
+    Pull(pull::Args),
 }
 
 /// Parses the command line, runs the subcommand and reports its error, if any, once.
@@ -38,6 +44,8 @@ pub fn main() -> ExitCode {
         Command::Mkfs(a) => mkfs::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Fsck(a) => fsck::run(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Pull(a) => pull::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,104 @@
+//! `wisp convert SRC DST [--store STORE]`: an OCI image into an index image plus objects.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use crate::convert::{convert, ConvertOptions, ConvertSummary};
+use crate::oci::{self, ImageRef, TransportOptions};
+use crate::store::{self, StoreSpec};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Source image: oci:DIR[:TAG], docker-archive:FILE or docker://HOST/REPO:TAG.
+    src: ImageRef,
+    /// Destination of the index image: oci:DIR[:TAG] or docker://HOST/REPO:TAG.
+    dst: ImageRef,
+    /// Where objects go: dir:PATH. Default: the destination's repository (registry blobs, or the
+    /// OCI layout's blobs), kept alive by object-list manifests.
+    #[arg(long, value_name = "STORE")]
+    store: Option<StoreSpec>,
+    /// Talk plain HTTP to registries (a local registry).
+    #[arg(long)]
+    plain_http: bool,
+    /// Keep files of at most this many bytes inside the index instead of as objects.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::convert::DEFAULT_INLINE_MAX)]
+    inline_max: u64,
+    /// zstd level for objects.
+    #[arg(long, default_value_t = 3)]
+    zstd_level: i32,
+    /// Store an object compressed only when that makes it at most this fraction of its size.
+    #[arg(long, default_value_t = 0.95)]
+    max_ratio: f64,
+    /// Compression of the index layer: zstd or gzip.
+    #[arg(long, default_value = "zstd")]
+    index_compression: oci::index_image::LayerCompression,
+    /// Fingerprinting threads (besides the one reading layers).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Parallel object uploads.
+    #[arg(long, default_value_t = 8)]
+    upload_jobs: usize,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let topts = TransportOptions { plain_http: a.plain_http };
+    let src = oci::open(&a.src, &topts, false).with_context(|| format!("opening {}", a.src))?;
+    let dst: Arc<dyn oci::Repo> = Arc::from(oci::open(&a.dst, &topts, true).with_context(|| format!("opening {}", a.dst))?);
+    let store = store::open(a.store.as_ref(), &a.dst, Arc::clone(&dst), true)?;
+    let opts = ConvertOptions {
+        inline_max: a.inline_max,
+        compress: crate::store::compress::CompressOptions { level: a.zstd_level, max_ratio: a.max_ratio },
+        workers: a.workers,
+        index_compression: a.index_compression,
+        upload_jobs: a.upload_jobs,
+        progress: !a.json,
+    };
+    let sum = convert(&*src, &*dst, store, a.store.is_none(), &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&sum)?);
+    } else {
+        print_summary(&sum);
+    }
+    Ok(())
+}
+
+fn mb(b: u64) -> String {
+    format!("{:.1} MB", b as f64 / 1e6)
+}
+
+fn print_summary(s: &ConvertSummary) {
+    eprintln!("wisp convert: {} -> {} (objects in {})", s.source, s.destination, s.store);
+    eprintln!(
+        "  {} files ({}), {} inline ({}), {} distinct objects ({}), {} deduplicated",
+        s.files,
+        mb(s.file_bytes),
+        s.inline_files,
+        mb(s.inline_bytes),
+        s.distinct_objects,
+        mb(s.distinct_bytes),
+        mb(s.bytes_deduplicated)
+    );
+    eprintln!(
+        "  objects stored: {} ({} compressed), {} new ({})",
+        mb(s.objects_stored_bytes),
+        s.objects_compressed,
+        s.objects_written,
+        mb(s.objects_written_bytes)
+    );
+    eprintln!(
+        "  index: EROFS {}, map {}, layer {} compressed; {} object list(s); {}",
+        mb(s.index_erofs_bytes),
+        mb(s.index_map_bytes),
+        mb(s.index_layer_bytes),
+        s.object_lists,
+        s.index_digest
+    );
+    eprintln!(
+        "  time: {:.2}s (layers {:.2}s, storing objects {:.2}s)",
+        s.total_seconds, s.merge_seconds, s.store_seconds
+    );
+}

@@ -1,0 +1,218 @@
+//! Fingerprinting workers: the layer-reading thread streams each file's bytes, in bounded chunks, to
+//! whichever worker is free; the worker hashes them (sha256), keeps small files in memory and spills
+//! larger ones to a staging file, and once the digest is known turns each distinct new object into
+//! its stored form (zstd where it pays). Every byte of content is read from the layer exactly once.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use anyhow::{bail, Context, Result};
+use erofs::tree::Digest;
+use sha2::{Digest as _, Sha256};
+
+use crate::oci::objmap::ObjectEntry;
+use crate::store::compress::{finish_object, CompressOptions};
+use crate::store::ObjectStore;
+
+/// Size of the chunks the reader sends.
+pub const CHUNK: usize = 256 << 10;
+/// Files up to this size are fingerprinted in memory; larger ones spill to a staging file.
+const SPILL: usize = 4 << 20;
+
+/// What became of one distinct object.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    pub entry: ObjectEntry,
+    /// The stored form waiting in the staging directory, or `None` when the store already had it.
+    pub path: Option<PathBuf>,
+}
+
+struct Shared {
+    staging: PathBuf,
+    store: Arc<dyn ObjectStore>,
+    opts: CompressOptions,
+    objects: Mutex<HashMap<Digest, Option<Staged>>>,
+}
+
+struct FileJob {
+    id: usize,
+    size: u64,
+    what: String,
+    chunks: Receiver<Vec<u8>>,
+}
+
+/// A finished file: its content digest, or why it failed.
+#[derive(Debug)]
+pub struct JobResult {
+    pub id: usize,
+    pub result: Result<Digest>,
+}
+
+pub struct Pool {
+    jobs: Option<SyncSender<FileJob>>,
+    results: Receiver<JobResult>,
+    threads: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    next: usize,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pool({} threads)", self.threads.len())
+    }
+}
+
+impl Pool {
+    pub fn new(workers: usize, staging: &Path, store: Arc<dyn ObjectStore>, opts: CompressOptions) -> Self {
+        let (jobs_tx, jobs_rx) = mpsc::sync_channel::<FileJob>(1);
+        let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+        let (res_tx, results) = mpsc::channel();
+        let shared =
+            Arc::new(Shared { staging: staging.to_path_buf(), store, opts, objects: Mutex::new(HashMap::new()) });
+        let threads = (0..workers.max(1))
+            .map(|i| {
+                let jobs_rx = Arc::clone(&jobs_rx);
+                let res_tx = res_tx.clone();
+                let shared = Arc::clone(&shared);
+                std::thread::Builder::new()
+                    .name(format!("wisp-hash-{i}"))
+                    .spawn(move || loop {
+                        let job = match jobs_rx.lock().expect("job queue lock").recv() {
+                            Ok(j) => j,
+                            Err(_) => return,
+                        };
+                        let id = job.id;
+                        let result = run_job(&shared, job);
+                        if res_tx.send(JobResult { id, result }).is_err() {
+                            return;
+                        }
+                    })
+                    .expect("spawning a worker thread")
+            })
+            .collect();
+        Pool { jobs: Some(jobs_tx), results, threads, shared, next: 0 }
+    }
+
+    /// Starts a file of `size` bytes; send its bytes through the returned sender, then drop it.
+    pub fn submit(&mut self, size: u64, what: String) -> (usize, SyncSender<Vec<u8>>) {
+        let id = self.next;
+        self.next += 1;
+        let (tx, rx) = mpsc::sync_channel(4);
+        let job = FileJob { id, size, what, chunks: rx };
+        // Workers only exit when the queue closes, so this send succeeds.
+        self.jobs.as_ref().expect("pool is open").send(job).expect("workers are running");
+        (id, tx)
+    }
+
+    /// Results that are ready now.
+    pub fn try_results(&self) -> Vec<JobResult> {
+        self.results.try_iter().collect()
+    }
+
+    /// Closes the queue, waits for every worker and returns the remaining results and the objects.
+    pub fn finish(mut self) -> (Vec<JobResult>, HashMap<Digest, Staged>) {
+        drop(self.jobs.take());
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let results = self.results.try_iter().collect();
+        let objects = std::mem::take(&mut *self.shared.objects.lock().expect("objects lock"));
+        (results, objects.into_iter().filter_map(|(d, s)| s.map(|s| (d, s))).collect())
+    }
+}
+
+enum Body {
+    Memory(Vec<u8>),
+    File(PathBuf, File),
+}
+
+fn run_job(shared: &Shared, job: FileJob) -> Result<Digest> {
+    let mut hasher = Sha256::new();
+    let mut body = Body::Memory(Vec::new());
+    let mut count = 0u64;
+    let spill_path = shared.staging.join(format!("spill-{}", job.id));
+    let result = (|| -> Result<Digest> {
+        for chunk in job.chunks.iter() {
+            hasher.update(&chunk);
+            count += chunk.len() as u64;
+            match &mut body {
+                Body::Memory(buf) if buf.len() + chunk.len() <= SPILL => buf.extend_from_slice(&chunk),
+                Body::Memory(buf) => {
+                    let mut f = File::create(&spill_path).with_context(|| format!("creating {}", spill_path.display()))?;
+                    f.write_all(buf)?;
+                    f.write_all(&chunk)?;
+                    body = Body::File(spill_path.clone(), f);
+                }
+                Body::File(_, f) => f.write_all(&chunk).context("writing a staging file")?,
+            }
+        }
+        if count != job.size {
+            bail!("{}: content ended after {count} of {} bytes", job.what, job.size);
+        }
+        let digest: Digest = hasher.finalize().into();
+        {
+            let mut objects = shared.objects.lock().expect("objects lock");
+            if objects.contains_key(&digest) {
+                return Ok(digest); // another file has (or is producing) this object
+            }
+            objects.insert(digest, None);
+        }
+        let staged = stage(shared, &digest, count, body).with_context(|| format!("{}: storing its object", job.what));
+        let mut objects = shared.objects.lock().expect("objects lock");
+        match staged {
+            Ok(s) => {
+                objects.insert(digest, Some(s));
+                Ok(digest)
+            }
+            Err(e) => {
+                objects.remove(&digest);
+                Err(e)
+            }
+        }
+    })();
+    let _ = fs::remove_file(&spill_path);
+    result
+}
+
+/// Produces the stored form of a new object, unless the store already has it.
+fn stage(shared: &Shared, digest: &Digest, size: u64, body: Body) -> Result<Staged> {
+    if let Some(entry) = shared.store.lookup(digest, size)? {
+        return Ok(Staged { entry, path: None });
+    }
+    let raw = shared.staging.join(hex::encode(digest));
+    match body {
+        Body::Memory(buf) => {
+            let mut f = File::create(&raw).with_context(|| format!("creating {}", raw.display()))?;
+            f.write_all(&buf)?;
+        }
+        Body::File(path, f) => {
+            drop(f);
+            fs::rename(&path, &raw).with_context(|| format!("renaming {}", path.display()))?;
+        }
+    }
+    let (entry, path) = finish_object(&raw, digest, size, &shared.opts)?;
+    Ok(Staged { entry, path: Some(path) })
+}
+
+/// Sends `size` bytes of `r` in chunks; a closed channel (the worker failed) stops early without error
+/// (the worker reports why).
+pub fn stream_to(r: &mut impl io::Read, size: u64, tx: SyncSender<Vec<u8>>) -> io::Result<()> {
+    let mut left = size;
+    while left > 0 {
+        let n = usize::try_from(left.min(CHUNK as u64)).expect("at most CHUNK");
+        let mut buf = vec![0u8; n];
+        r.read_exact(&mut buf)?;
+        left -= n as u64;
+        if tx.send(buf).is_err() {
+            // drain what is left so the tar stream stays in step
+            io::copy(&mut Read::take(&mut *r, left), &mut io::sink())?;
+            return Ok(());
+        }
+    }
+    Ok(())
+}

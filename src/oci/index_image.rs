@@ -1,0 +1,293 @@
+//! The index image (docs/convert.md has the full description):
+//!
+//! ```text
+//! tag ──► image index (application/vnd.oci.image.index.v1+json)
+//!           ├─ index image manifest  platform = the source's (os/architecture)
+//!           │    config  = the source config, rootfs.diff_ids and history rewritten for one layer
+//!           │    layer   = tar+zstd (or tar+gzip) holding wisp/index.erofs and wisp/objects.map
+//!           │    annotations org.wisp.format.version, org.wisp.source.digest
+//!           └─ object lists (0..n)   platform = unknown/unknown, org.wisp.reference.type = objects
+//!                config  = {"wisp":"objects","version":1}
+//!                layers  = the object blobs (application/vnd.wisp.object.v1[+zstd])
+//! ```
+//! Object lists exist only when the objects live in the same repository; they are what keeps those
+//! blobs alive through registry garbage collection and what `skopeo copy --all` carries along.
+//! Platform matchers (containerd, docker, skopeo without --all) skip `unknown/unknown` entries.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufReader, Read, Write};
+
+use anyhow::{bail, ensure, Context, Result};
+use erofs::tree::{Digest, Tree};
+use erofs::writer::MemorySource;
+
+use super::objmap::{self, Compression, ObjectEntry};
+use super::types::*;
+use super::{Repo, SourceImage};
+
+pub const FORMAT_VERSION: &str = "1";
+pub const INDEX_PATH: &str = "wisp/index.erofs";
+pub const MAP_PATH: &str = "wisp/objects.map";
+pub const ANN_FORMAT: &str = "org.wisp.format.version";
+pub const ANN_SOURCE: &str = "org.wisp.source.digest";
+pub const ANN_REFTYPE: &str = "org.wisp.reference.type";
+pub const MT_OBJECTS_CONFIG: &str = "application/vnd.wisp.objects.config.v1+json";
+pub const MT_OBJECT: &str = "application/vnd.wisp.object.v1";
+pub const MT_OBJECT_ZSTD: &str = "application/vnd.wisp.object.v1+zstd";
+const OBJECTS_CONFIG: &[u8] = br#"{"wisp":"objects","version":1}"#;
+/// Objects per list manifest: about 160 bytes of JSON each, so a list stays near 1.6 MB, well under
+/// the 4 MiB manifest limit of common registries.
+pub const OBJECTS_PER_LIST: usize = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerCompression {
+    Gzip,
+    Zstd,
+}
+
+impl std::str::FromStr for LayerCompression {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "gzip" => Ok(LayerCompression::Gzip),
+            "zstd" => Ok(LayerCompression::Zstd),
+            _ => bail!("{s}: use gzip or zstd"),
+        }
+    }
+}
+
+/// Everything the index image consists of, ready to push.
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub erofs_bytes: u64,
+    pub map_bytes: u64,
+    pub layer: Vec<u8>,
+    pub layer_desc: Descriptor,
+    pub config: Vec<u8>,
+    pub manifest: Vec<u8>,
+    pub object_lists: Vec<Vec<u8>>,
+    pub index: Vec<u8>,
+}
+
+/// Compresses a tar as one layer blob.
+pub fn compress_layer(tar: &[u8], c: LayerCompression) -> Result<(Vec<u8>, &'static str)> {
+    Ok(match c {
+        LayerCompression::Zstd => (zstd::bulk::compress(tar, 19)?, MT_OCI_LAYER_ZSTD),
+        LayerCompression::Gzip => {
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            enc.write_all(tar)?;
+            (enc.finish()?, MT_OCI_LAYER_GZIP)
+        }
+    })
+}
+
+fn tar_of(files: &[(&str, &[u8])]) -> Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, bytes) in files {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name)?;
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o444);
+        h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        b.append(&h, *bytes)?;
+    }
+    Ok(b.into_inner()?)
+}
+
+fn desc(media_type: &str, bytes: &[u8]) -> Descriptor {
+    Descriptor { media_type: media_type.into(), digest: sha256_digest(bytes), size: bytes.len() as u64, ..Default::default() }
+}
+
+/// Builds the index image for `tree`, whose external files are the `objects`.
+pub fn build(
+    tree: &Tree,
+    inline: &MemorySource,
+    objects: &HashMap<Digest, ObjectEntry>,
+    source: &SourceImage,
+    with_object_lists: bool,
+    compression: LayerCompression,
+) -> Result<Built> {
+    let mut erofs_image = Vec::new();
+    let stats = erofs::writer::write_image(tree, &mut inline.clone(), &mut erofs_image, &erofs::writer::WriteOptions::default())
+        .context("writing the EROFS index")?;
+    let mut map = Vec::with_capacity(stats.devices.len());
+    for d in &stats.devices {
+        let e = objects.get(&d.digest).with_context(|| format!("internal error: no object entry for {}", hex::encode(d.digest)))?;
+        map.push(*e);
+    }
+    let map_bytes = objmap::encode(&map);
+    let tar = tar_of(&[(INDEX_PATH, &erofs_image), (MAP_PATH, &map_bytes)])?;
+    let diff_id = sha256_digest(&tar);
+    let (layer, layer_mt) = compress_layer(&tar, compression)?;
+    let layer_desc = desc(layer_mt, &layer);
+
+    let mut config = source.config.clone();
+    let obj = config.as_object_mut().context("the source config is not a JSON object")?;
+    obj.insert("rootfs".into(), serde_json::json!({"type": "layers", "diff_ids": [diff_id]}));
+    let mut history: Vec<serde_json::Value> = obj
+        .get("history")
+        .and_then(|h| h.as_array())
+        .map(|h| h.iter().filter(|e| e["empty_layer"].as_bool() == Some(true)).cloned().collect())
+        .unwrap_or_default();
+    history.push(serde_json::json!({
+        "created_by": format!("wisp convert (index of {})", source.manifest_digest),
+        "comment": "wisp index: EROFS metadata; file contents are objects named by sha256",
+    }));
+    obj.insert("history".into(), serde_json::Value::Array(history));
+    let config_bytes = serde_json::to_vec(&config)?;
+
+    let mut annotations = BTreeMap::new();
+    annotations.insert(ANN_FORMAT.to_string(), FORMAT_VERSION.to_string());
+    annotations.insert(ANN_SOURCE.to_string(), source.manifest_digest.clone());
+    let manifest = ImageManifest {
+        schema_version: 2,
+        media_type: Some(MT_OCI_MANIFEST.into()),
+        artifact_type: None,
+        config: desc(MT_OCI_CONFIG, &config_bytes),
+        layers: vec![layer_desc.clone()],
+        annotations: annotations.clone(),
+    };
+    let manifest_bytes = serde_json::to_vec(&manifest)?;
+
+    let mut object_lists = Vec::new();
+    if with_object_lists {
+        let mut blobs: Vec<&ObjectEntry> = objects.values().collect();
+        blobs.sort_by_key(|e| e.blob);
+        blobs.dedup_by_key(|e| e.blob);
+        for chunk in blobs.chunks(OBJECTS_PER_LIST) {
+            let list = ImageManifest {
+                schema_version: 2,
+                media_type: Some(MT_OCI_MANIFEST.into()),
+                artifact_type: None,
+                config: desc(MT_OBJECTS_CONFIG, OBJECTS_CONFIG),
+                layers: chunk
+                    .iter()
+                    .map(|e| Descriptor {
+                        media_type: match e.compression {
+                            Compression::None => MT_OBJECT.into(),
+                            Compression::Zstd => MT_OBJECT_ZSTD.into(),
+                        },
+                        digest: e.blob_digest(),
+                        size: e.stored_size,
+                        ..Default::default()
+                    })
+                    .collect(),
+                annotations: BTreeMap::from([(ANN_REFTYPE.to_string(), "objects".to_string())]),
+            };
+            object_lists.push(serde_json::to_vec(&list)?);
+        }
+    }
+
+    let platform = Platform {
+        architecture: source.config["architecture"].as_str().unwrap_or("amd64").to_string(),
+        os: source.config["os"].as_str().unwrap_or("linux").to_string(),
+        variant: source.config["variant"].as_str().map(str::to_string),
+    };
+    let mut manifests = vec![Descriptor { platform: Some(platform), ..desc(MT_OCI_MANIFEST, &manifest_bytes) }];
+    for l in &object_lists {
+        manifests.push(Descriptor {
+            platform: Some(Platform { architecture: "unknown".into(), os: "unknown".into(), variant: None }),
+            annotations: BTreeMap::from([(ANN_REFTYPE.to_string(), "objects".to_string())]),
+            ..desc(MT_OCI_MANIFEST, l)
+        });
+    }
+    let index = ImageIndex { schema_version: 2, media_type: Some(MT_OCI_INDEX.into()), manifests, annotations };
+    Ok(Built {
+        erofs_bytes: erofs_image.len() as u64,
+        map_bytes: map_bytes.len() as u64,
+        layer,
+        layer_desc,
+        config: config_bytes,
+        manifest: manifest_bytes,
+        object_lists,
+        index: serde_json::to_vec(&index)?,
+    })
+}
+
+/// Pushes a built index image; the tag is set last. Returns the digest of the tagged image index.
+pub fn push(dst: &dyn Repo, b: &Built) -> Result<String> {
+    let what = || format!("writing the index image to {}", dst.describe());
+    dst.put_blob(&sha256_digest(&b.config), &b.config).with_context(what)?;
+    dst.put_blob(&b.layer_desc.digest, &b.layer).with_context(what)?;
+    if !b.object_lists.is_empty() {
+        dst.put_blob(&sha256_digest(OBJECTS_CONFIG), OBJECTS_CONFIG).with_context(what)?;
+    }
+    for l in &b.object_lists {
+        dst.put_manifest(l, MT_OCI_MANIFEST, false).with_context(what)?;
+    }
+    dst.put_manifest(&b.manifest, MT_OCI_MANIFEST, false).with_context(what)?;
+    dst.put_manifest(&b.index, MT_OCI_INDEX, true).with_context(what)
+}
+
+/// An index image as read back.
+#[derive(Debug, Clone)]
+pub struct Pulled {
+    pub manifest_digest: String,
+    pub source_digest: Option<String>,
+    pub erofs: Vec<u8>,
+    pub objects: Vec<ObjectEntry>,
+}
+
+/// Reads the index image a repository reference names (its image index, or the index image manifest
+/// itself when copied without the object lists).
+pub fn read(repo: &dyn Repo) -> Result<Pulled> {
+    let top = repo.get_manifest(None)?;
+    let (digest, manifest) = match parse_manifest(&top.bytes).context("parsing the manifest")? {
+        Fetched::Manifest(m) => (top.digest, m),
+        Fetched::Index(ix) => {
+            let d = ix
+                .manifests
+                .iter()
+                .find(|d| d.annotations.get(ANN_REFTYPE).is_none() && d.platform.as_ref().is_none_or(|p| p.os != "unknown"))
+                .with_context(|| format!("{}: the image index lists no index image", repo.describe()))?;
+            let child = repo.get_manifest(Some(&d.digest))?;
+            match parse_manifest(&child.bytes)? {
+                Fetched::Manifest(m) => (child.digest, m),
+                Fetched::Index(_) => bail!("{}: nested image index", repo.describe()),
+            }
+        }
+    };
+    match manifest.annotations.get(ANN_FORMAT) {
+        Some(v) if v == FORMAT_VERSION => {}
+        Some(v) => bail!("{}: wisp index format {v} is not supported (this wisp reads {FORMAT_VERSION})", repo.describe()),
+        None => bail!("{}: not a wisp index image (no {ANN_FORMAT} annotation)", repo.describe()),
+    }
+    let [layer] = manifest.layers.as_slice() else {
+        bail!("{}: an index image has exactly one layer, this one {}", repo.describe(), manifest.layers.len());
+    };
+    let blob = repo.open_blob(&layer.digest, Some(layer.size))?;
+    let mut r = BufReader::new(blob);
+    let head = std::io::BufRead::fill_buf(&mut r)?;
+    let tar_stream: Box<dyn Read> = if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(zstd::stream::read::Decoder::with_buffer(r)?)
+    } else if head.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::bufread::MultiGzDecoder::new(r))
+    } else {
+        Box::new(r)
+    };
+    let mut ar = tar::Archive::new(tar_stream);
+    let (mut erofs_image, mut map) = (None, None);
+    const MAX: u64 = 1 << 30;
+    for e in ar.entries().with_context(|| format!("reading index layer {}", layer.digest))? {
+        let mut e = e.with_context(|| format!("reading index layer {}", layer.digest))?;
+        let name = e.path_bytes().into_owned();
+        ensure!(e.size() <= MAX, "index layer {}: member of {} bytes", layer.digest, e.size());
+        let mut buf = Vec::new();
+        e.read_to_end(&mut buf)?;
+        match name.as_slice() {
+            n if n == INDEX_PATH.as_bytes() => erofs_image = Some(buf),
+            n if n == MAP_PATH.as_bytes() => map = Some(buf),
+            _ => {}
+        }
+    }
+    // Read to the end so the layer digest is verified.
+    std::io::copy(&mut ar.into_inner(), &mut std::io::sink())?;
+    let erofs = erofs_image.with_context(|| format!("index layer {} has no {INDEX_PATH}", layer.digest))?;
+    let map = map.with_context(|| format!("index layer {} has no {MAP_PATH}", layer.digest))?;
+    let objects = objmap::decode(&map).with_context(|| format!("index layer {}", layer.digest))?;
+    Ok(Pulled { manifest_digest: digest, source_digest: manifest.annotations.get(ANN_SOURCE).cloned(), erofs, objects })
+}

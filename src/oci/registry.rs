@@ -1,0 +1,226 @@
+//! Registry repositories through the `oci-client` crate (OCI distribution spec), driven from
+//! synchronous code by a small tokio runtime owned by the [`Registry`]. Blob downloads stream through
+//! a bounded channel into a verifying reader; uploads stream from files (monolithic `PUT`, size known).
+//! Credentials come from the docker config (`$DOCKER_CONFIG/config.json` or `~/.docker/config.json`)
+//! or containers' `auth.json` (`$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/auth.json`).
+
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+
+use super::types::{sha256_digest, ACCEPTED_MANIFESTS};
+use super::verify::VerifyingReader;
+use super::{RawManifest, Repo, TransportOptions};
+
+pub struct Registry {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    reference: Reference,
+    auth: RegistryAuth,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Registry({})", self.reference)
+    }
+}
+
+impl Registry {
+    pub fn open(reference: &str, opts: &TransportOptions) -> Result<Self> {
+        let reference: Reference = reference.parse().with_context(|| format!("parsing reference {reference:?}"))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("wisp-registry")
+            .enable_all()
+            .build()
+            .context("starting the registry runtime")?;
+        let config = ClientConfig {
+            protocol: if opts.plain_http { ClientProtocol::Http } else { ClientProtocol::Https },
+            use_monolithic_push: true,
+            ..Default::default()
+        };
+        let client = Client::new(config);
+        let auth = docker_auth(reference.resolve_registry()).unwrap_or(RegistryAuth::Anonymous);
+        Ok(Registry { rt, client, reference, auth })
+    }
+
+    fn by_digest(&self, digest: &str) -> Reference {
+        Reference::with_digest(self.reference.registry().to_string(), self.reference.repository().to_string(), digest.to_string())
+    }
+
+    fn ensure_auth(&self) {
+        self.rt.block_on(self.client.store_auth_if_needed(self.reference.resolve_registry(), &self.auth));
+    }
+}
+
+impl Repo for Registry {
+    fn describe(&self) -> String {
+        format!("docker://{}", self.reference)
+    }
+
+    fn get_manifest(&self, reference: Option<&str>) -> Result<RawManifest> {
+        let r = match reference {
+            Some(d) => self.by_digest(d),
+            None => self.reference.clone(),
+        };
+        let (bytes, digest) = self
+            .rt
+            .block_on(self.client.pull_manifest_raw(&r, &self.auth, ACCEPTED_MANIFESTS))
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("fetching manifest docker://{r}"))?;
+        let actual = sha256_digest(&bytes);
+        let expected = reference.map(str::to_string).unwrap_or(digest);
+        if actual != expected {
+            bail!("manifest docker://{r}: its bytes hash to {actual}, not {expected}");
+        }
+        Ok(RawManifest { bytes: bytes.to_vec(), digest: actual })
+    }
+
+    fn open_blob(&self, digest: &str, size: Option<u64>) -> Result<Box<dyn Read + Send>> {
+        self.ensure_auth();
+        let r = self.by_digest(digest);
+        let mut stream = self
+            .rt
+            .block_on(self.client.pull_blob_stream(&r, digest))
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("blob {digest} from {}", self.describe()))?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<bytes::Bytes>>(16);
+        self.rt.spawn(async move {
+            while let Some(chunk) = stream.next().await {
+                let stop = chunk.is_err();
+                if tx.send(chunk).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        let reader = ChannelReader { rx, cur: bytes::Bytes::new() };
+        Ok(Box::new(VerifyingReader::new(reader, digest, size)))
+    }
+
+    fn has_blob(&self, digest: &str) -> Result<bool> {
+        self.ensure_auth();
+        self.rt
+            .block_on(self.client.blob_exists(&self.by_digest(digest), digest))
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("checking blob {digest} in {}", self.describe()))
+    }
+
+    fn put_blob_file(&self, digest: &str, size: u64, path: &Path) -> Result<()> {
+        if self.has_blob(digest)? {
+            return Ok(());
+        }
+        let path = path.to_path_buf();
+        let stream = file_stream(path.clone());
+        self.rt
+            .block_on(self.client.push_blob_stream(&self.reference, stream, digest, Some(size)))
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("uploading blob {digest} ({}) to {}", path.display(), self.describe()))?;
+        Ok(())
+    }
+
+    fn put_blob(&self, digest: &str, bytes: &[u8]) -> Result<()> {
+        if self.has_blob(digest)? {
+            return Ok(());
+        }
+        self.rt
+            .block_on(self.client.push_blob(&self.reference, bytes.to_vec(), digest))
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("uploading blob {digest} to {}", self.describe()))?;
+        Ok(())
+    }
+
+    fn put_manifest(&self, bytes: &[u8], media_type: &str, tag: bool) -> Result<String> {
+        self.ensure_auth();
+        let digest = sha256_digest(bytes);
+        let target = if tag { self.reference.clone() } else { self.by_digest(&digest) };
+        self.rt
+            .block_on(self.client.push_manifest_raw(&target, bytes.to_vec(), media_type.parse()?))
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("pushing manifest {digest} to docker://{target}"))?;
+        Ok(digest)
+    }
+}
+
+/// A synchronous reader over the chunks a runtime task sends.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<io::Result<bytes::Bytes>>,
+    cur: bytes::Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur.split_to(n));
+        Ok(n)
+    }
+}
+
+fn file_stream(path: PathBuf) -> impl futures_util::Stream<Item = oci_client::errors::Result<bytes::Bytes>> + Send + 'static {
+    use tokio::io::AsyncReadExt;
+    futures_util::stream::unfold(None::<tokio::fs::File>, move |f| {
+        let path = path.clone();
+        async move {
+            let mut f = match f {
+                Some(f) => f,
+                None => match tokio::fs::File::open(&path).await {
+                    Ok(f) => f,
+                    Err(e) => return Some((Err(e.into()), None)),
+                },
+            };
+            let mut buf = vec![0u8; 1 << 20];
+            match f.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(bytes::Bytes::from(buf)), Some(f)))
+                }
+                Err(e) => Some((Err(e.into()), None)),
+            }
+        }
+    })
+}
+
+/// Basic credentials for `registry` from the docker or containers auth files, if any.
+fn docker_auth(registry: &str) -> Option<RegistryAuth> {
+    use base64::Engine as _;
+    let mut files = Vec::new();
+    if let Some(p) = std::env::var_os("REGISTRY_AUTH_FILE") {
+        files.push(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("XDG_RUNTIME_DIR") {
+        files.push(PathBuf::from(p).join("containers/auth.json"));
+    }
+    match std::env::var_os("DOCKER_CONFIG") {
+        Some(d) => files.push(PathBuf::from(d).join("config.json")),
+        None => {
+            if let Some(h) = std::env::var_os("HOME") {
+                files.push(PathBuf::from(h).join(".docker/config.json"));
+            }
+        }
+    }
+    let keys = [registry.to_string(), format!("https://{registry}"), format!("http://{registry}")];
+    for f in files {
+        let Ok(bytes) = std::fs::read(&f) else { continue };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else { continue };
+        for k in &keys {
+            let Some(auth) = v["auths"][k.as_str()]["auth"].as_str() else { continue };
+            let decoded = base64::engine::general_purpose::STANDARD.decode(auth).ok()?;
+            let text = String::from_utf8(decoded).ok()?;
+            let (user, pass) = text.split_once(':')?;
+            return Some(RegistryAuth::Basic(user.to_string(), pass.to_string()));
+        }
+    }
+    None
+}

@@ -15,6 +15,7 @@ use crate::oci::Repo;
 use crate::tree::entry::{self, EntryKind};
 use crate::tree::merge::Merger;
 use crate::tree::sparse::Expand;
+use crate::tree::tarstream::TarReader;
 
 /// A decompressing reader chosen by the stream's first bytes.
 enum Decompressed<R: BufRead> {
@@ -142,51 +143,50 @@ fn apply_layer(
     let counted = Counting { inner: blob, pb: pb.cloned() };
     let stream = Decompressed::sniff(BufReader::with_capacity(1 << 20, counted)).context("reading the blob")?;
     let kind = stream.kind();
-    let mut ar = tar::Archive::new(stream);
+    let mut ar = TarReader::new(stream);
     merger.begin_layer();
-    {
-        let entries = ar.entries().with_context(|| format!("reading the {kind} stream"))?;
-        for e in entries {
-            let mut e = e.with_context(|| format!("reading the {kind} stream (truncated or corrupt?)"))?;
-            let Some(parsed) = entry::parse(&mut e)? else { continue };
-            pass.entries += 1;
-            let name = crate::tree::show_bytes(&parsed.name);
-            let data = match &parsed.kind {
-                EntryKind::Regular { size, sparse } => {
-                    let size = *size;
-                    pass.uncompressed_bytes += size;
-                    let mut content: Box<dyn Read + '_> = match sparse {
-                        Some(map) => Box::new(Expand::new(&mut e, map.clone())),
-                        None => Box::new(&mut e),
-                    };
-                    if size <= inline_max {
-                        let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-                        content.read_to_end(&mut buf).with_context(|| format!("entry {name}: reading its content"))?;
-                        if buf.len() as u64 != size {
-                            anyhow::bail!("entry {name}: content ended after {} of {size} bytes", buf.len());
-                        }
-                        let source = pass.inline.files.len() as u64;
-                        let extents = if size > 0 { vec![Extent { offset: 0, len: size }] } else { Vec::new() };
-                        if size > 0 {
-                            pass.inline.insert(source, buf);
-                        }
-                        Some((FileData::Inline { size, extents, source }, None))
-                    } else {
-                        let (id, tx) = pool.submit(size, format!("entry {name}"));
-                        stream_to(&mut content, size, tx).with_context(|| format!("entry {name}: reading its content"))?;
-                        Some((FileData::External { size, digest: [0; 32] }, Some(id)))
+    loop {
+        let member = ar.next_member().with_context(|| format!("reading the {kind} stream (truncated or corrupt?)"))?;
+        let Some(member) = member else { break };
+        let mut data = ar.data();
+        let Some(parsed) = entry::parse(&member, &mut data)? else { continue };
+        pass.entries += 1;
+        let name = crate::tree::show_bytes(&parsed.name);
+        let file = match &parsed.kind {
+            EntryKind::Regular { size, sparse } => {
+                let size = *size;
+                pass.uncompressed_bytes += size;
+                let mut content: Box<dyn Read + '_> = match sparse {
+                    Some(map) => Box::new(Expand::new(&mut data, map.clone())),
+                    None => Box::new(&mut data),
+                };
+                if size <= inline_max {
+                    let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+                    (&mut content).take(size).read_to_end(&mut buf).with_context(|| format!("entry {name}: reading its content"))?;
+                    if buf.len() as u64 != size {
+                        anyhow::bail!("entry {name}: content ended after {} of {size} bytes", buf.len());
                     }
+                    let source = pass.inline.files.len() as u64;
+                    let extents = if size > 0 { vec![Extent { offset: 0, len: size }] } else { Vec::new() };
+                    if size > 0 {
+                        pass.inline.insert(source, buf);
+                    }
+                    Some((FileData::Inline { size, extents, source }, None))
+                } else {
+                    let (id, tx) = pool.submit(size, format!("entry {name}"));
+                    stream_to(&mut content, size, tx).with_context(|| format!("entry {name}: reading its content"))?;
+                    Some((FileData::External { size, digest: [0; 32] }, Some(id)))
                 }
-                _ => None,
-            };
-            let (data, job) = match data {
-                Some((d, j)) => (Some(d), j),
-                None => (None, None),
-            };
-            let created = merger.apply(parsed, data)?;
-            if let (Some(job), Some(inode)) = (job, created) {
-                pass.pending.insert(job, inode);
             }
+            _ => None,
+        };
+        let (file_data, job) = match file {
+            Some((d, j)) => (Some(d), j),
+            None => (None, None),
+        };
+        let created = merger.apply(parsed, file_data)?;
+        if let (Some(job), Some(inode)) = (job, created) {
+            pass.pending.insert(job, inode);
         }
     }
     ar.into_inner().finish().with_context(|| format!("reading the end of the {kind} stream"))?;

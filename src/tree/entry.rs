@@ -10,6 +10,7 @@ use std::io::{self, Read};
 use erofs::tree::Metadata;
 
 use super::sparse::{self, SparseMap};
+use super::tarstream::Member;
 use super::{show_bytes, split_name, PathError};
 
 /// Largest regular file accepted (a sanity bound against absurd size fields).
@@ -68,42 +69,31 @@ pub enum EntryError {
     Io { name: String, source: io::Error },
 }
 
-/// Parses the member `e`; `Ok(None)` for members that carry nothing for the tree (PAX global
-/// headers).
-pub fn parse<R: Read>(e: &mut tar::Entry<'_, R>) -> Result<Option<Entry>, EntryError> {
-    let raw_name = e.path_bytes().into_owned();
+/// Parses member `m`; `data` is its stored data (a PAX 1.0 sparse map is read from its start).
+/// `Ok(None)` for members that carry nothing for the tree.
+pub fn parse(m: &Member, data: &mut impl Read) -> Result<Option<Entry>, EntryError> {
+    let raw_name = m.name.clone();
     let name = show_bytes(&raw_name);
     let header_err = |what: String| EntryError::Header { name: name.clone(), what };
-    let ty = e.header().entry_type();
-    if ty.is_pax_global_extensions() {
-        return Ok(None);
-    }
-    let h = e.header();
+    let h = &m.header;
+    let ty = h.entry_type();
     let perm = u16::try_from(h.mode().map_err(|err| header_err(format!("mode: {err}")))? & 0o7777)
         .expect("masked to 12 bits");
-    let uid = h.uid().map_err(|err| header_err(format!("uid: {err}")))?;
-    let gid = h.gid().map_err(|err| header_err(format!("gid: {err}")))?;
-    let uid = u32::try_from(uid).map_err(|_| header_err(format!("uid {uid} does not fit 32 bits")))?;
-    let gid = u32::try_from(gid).map_err(|_| header_err(format!("gid {gid} does not fit 32 bits")))?;
-    let mut mtime = (header_mtime(h).map_err(header_err)?, 0u32);
-    let link = e.link_name_bytes().map(|l| l.into_owned());
+    let mut uid = h.uid().map_err(|err| header_err(format!("uid: {err}")))?;
+    let mut gid = h.gid().map_err(|err| header_err(format!("gid: {err}")))?;
+    let mut mtime = (header_mtime(h).map_err(&header_err)?, 0u32);
+    let link = m.link.clone();
     let dev = (h.device_major().ok().flatten().unwrap_or(0), h.device_minor().ok().flatten().unwrap_or(0));
-    let mut size = e.size();
+    let mut size = m.size;
 
-    // PAX records the crate leaves to us.
+    // PAX records (path, linkpath and size are folded in by the reader).
     let mut xattrs = BTreeMap::new();
     let mut sparse_major = None;
     let mut sparse_name = None;
     let mut sparse_realsize = None;
-    let pax: Vec<(Vec<u8>, Vec<u8>)> = match e.pax_extensions().map_err(|source| EntryError::Io { name: name.clone(), source })? {
-        Some(exts) => exts
-            .map(|r| r.map(|x| (x.key_bytes().to_vec(), x.value_bytes().to_vec())))
-            .collect::<Result<_, _>>()
-            .map_err(|source| EntryError::Io { name: name.clone(), source })?,
-        None => Vec::new(),
-    };
-    for (key, value) in pax {
-        let pax_err = |why: String| EntryError::Pax { name: name.clone(), key: show_bytes(&key), why };
+    for (key, value) in &m.pax {
+        let value = value.clone();
+        let pax_err = |why: String| EntryError::Pax { name: name.clone(), key: show_bytes(key), why };
         if let Some(x) = key.strip_prefix(b"SCHILY.xattr.") {
             if x.is_empty() || x.len() > 255 {
                 return Err(pax_err(format!("xattr name of {} bytes", x.len())));
@@ -115,13 +105,14 @@ pub fn parse<R: Read>(e: &mut tar::Entry<'_, R>) -> Result<Option<Entry>, EntryE
             continue;
         }
         let text = || std::str::from_utf8(&value).map_err(|_| pax_err("value is not UTF-8".into()));
+        let number = || text()?.parse::<u64>().map_err(|_| pax_err("not a number".into()));
         match key.as_slice() {
             b"mtime" => mtime = parse_pax_time(text()?).ok_or_else(|| pax_err("not a decimal time".into()))?,
+            b"uid" => uid = number()?,
+            b"gid" => gid = number()?,
             b"GNU.sparse.major" => sparse_major = Some(text()?.to_string()),
             b"GNU.sparse.name" => sparse_name = Some(value.clone()),
-            b"GNU.sparse.realsize" => {
-                sparse_realsize = Some(text()?.parse::<u64>().map_err(|_| pax_err("not a number".into()))?)
-            }
+            b"GNU.sparse.realsize" => sparse_realsize = Some(number()?),
             b"GNU.sparse.size" | b"GNU.sparse.map" | b"GNU.sparse.numblocks" | b"GNU.sparse.offset"
             | b"GNU.sparse.numbytes" => {
                 return Err(pax_err("PAX sparse format 0.x is not supported (only 1.0)".into()));
@@ -129,9 +120,11 @@ pub fn parse<R: Read>(e: &mut tar::Entry<'_, R>) -> Result<Option<Entry>, EntryE
             _ => {}
         }
     }
+    let uid = u32::try_from(uid).map_err(|_| header_err(format!("uid {uid} does not fit 32 bits")))?;
+    let gid = u32::try_from(gid).map_err(|_| header_err(format!("gid {gid} does not fit 32 bits")))?;
 
     let mut path_bytes = raw_name.clone();
-    let mut sparse_map = None;
+    let mut sparse_map = m.gnu_sparse.clone();
     if let Some(major) = sparse_major {
         if major != "1" {
             return Err(EntryError::Pax { name, key: "GNU.sparse.major".into(), why: format!("version {major} is not supported") });
@@ -146,7 +139,7 @@ pub fn parse<R: Read>(e: &mut tar::Entry<'_, R>) -> Result<Option<Entry>, EntryE
             key: "GNU.sparse.realsize".into(),
             why: "missing in a PAX 1.0 sparse member".into(),
         })?;
-        let map = sparse::read_map(e, size, real).map_err(|source| EntryError::Sparse { name: name.clone(), source })?;
+        let map = sparse::read_map(data, size, real).map_err(|source| EntryError::Sparse { name: name.clone(), source })?;
         sparse_map = Some(map);
         size = real;
     }
@@ -155,6 +148,9 @@ pub fn parse<R: Read>(e: &mut tar::Entry<'_, R>) -> Result<Option<Entry>, EntryE
     use tar::EntryType as T;
     let kind = match ty {
         T::Regular | T::Continuous | T::GNUSparse => {
+            if m.stored_size > MAX_FILE_SIZE {
+                return Err(EntryError::TooLarge { name, size: m.stored_size });
+            }
             if size > MAX_FILE_SIZE {
                 return Err(EntryError::TooLarge { name, size });
             }
@@ -188,6 +184,9 @@ pub fn parse<R: Read>(e: &mut tar::Entry<'_, R>) -> Result<Option<Entry>, EntryE
 /// The header's mtime field as a signed number: octal, or GNU base-256 (two's complement when the
 /// first byte is 0xff, which is how GNU tar writes times before 1970).
 fn header_mtime(h: &tar::Header) -> Result<i64, String> {
+    if h.as_ustar().is_none() && h.as_gnu().is_none() && h.as_old().mtime[0] & 0x80 != 0 {
+        return Err("mtime: base-256 in a non-GNU header".into());
+    }
     let field = &h.as_old().mtime;
     if field[0] == 0xff {
         let mut v: i64 = -1;

@@ -12,6 +12,7 @@
 pub mod entry;
 pub mod merge;
 pub mod sparse;
+pub mod tarstream;
 
 /// Longest file name component Linux accepts (NAME_MAX).
 pub const NAME_MAX: usize = 255;

@@ -17,6 +17,21 @@ fn golden_image_digest() {
     let (img2, _) = write(&sample_tree());
     assert_eq!(img, img2, "same tree, different bytes");
     assert_eq!(stats.blocks, img.len() as u64 / 4096);
+    if let Some(dir) = std::env::var_os("WISP_EROFS_SEEDS") {
+        // fuzz seeds (erofs/fuzz/run.sh): this image and a few random ones
+        let dir = std::path::Path::new(&dir);
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("sample.erofs"), &img).unwrap();
+        use proptest::strategy::{Strategy, ValueTree};
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        for i in 0..6 {
+            let tree = gen::tree().new_tree(&mut runner).unwrap().current();
+            let (random, _) = write(&tree);
+            if random.len() <= 1 << 20 {
+                std::fs::write(dir.join(format!("random{i}.erofs")), &random).unwrap();
+            }
+        }
+    }
     let digest = hex::encode(Sha256::digest(&img));
     assert_eq!(
         digest,

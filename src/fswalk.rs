@@ -150,7 +150,7 @@ fn data_extents(path: &Path, meta: &fs::Metadata) -> Result<Vec<Extent>> {
 pub fn read_xattrs(path: &Path) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
     let mut out = BTreeMap::new();
     let names = loop {
-        let len = match rustix::fs::llistxattr(path, &mut [][..]) {
+        let len = match rustix::fs::llistxattr(path, &mut [0u8; 0][..]) {
             Ok(n) => n,
             Err(rustix::io::Errno::NOTSUP) => return Ok(out),
             Err(e) => return Err(io::Error::from(e)).with_context(|| format!("listing xattrs of {}", path.display())),
@@ -168,7 +168,7 @@ pub fn read_xattrs(path: &Path) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let cname = std::ffi::CString::new(name).expect("split at NUL");
         let value = loop {
-            let len = match rustix::fs::lgetxattr(path, cname.as_c_str(), &mut [][..]) {
+            let len = match rustix::fs::lgetxattr(path, cname.as_c_str(), &mut [0u8; 0][..]) {
                 Ok(n) => n,
                 Err(rustix::io::Errno::NODATA) => break None,
                 Err(e) => {

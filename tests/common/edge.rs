@@ -73,7 +73,7 @@ pub fn make_edge_tree(root: &Path) {
     }
     // Tails of every length near a block, so some inline tail ends exactly at a block boundary
     // whatever the inode and xattr sizes are.
-    for n in (4096 - 160..=4096).step_by(4).chain(8192 - 96..8192) {
+    for n in (4096 - 160..=4096).step_by(8).chain((8192 - 48..8192).step_by(4)) {
         write(&p(&format!("sizes/t{n}")), &pseudo_random(n as u64, n));
     }
     for n in [3000usize, 3900, 4000] {

@@ -54,7 +54,7 @@ pub fn run(cmd: &mut Command) -> String {
 /// A Debian bookworm minbase root file system made with debootstrap, cached across runs
 /// (`scripts/debian-rootfs`).
 pub fn debian_rootfs() -> PathBuf {
-    let out = run(Command::new(repo_root().join("scripts/debian-rootfs")));
+    let out = run(&mut Command::new(repo_root().join("scripts/debian-rootfs")));
     PathBuf::from(out.trim())
 }
 
@@ -214,7 +214,7 @@ pub fn compare_trees(expected: &Path, actual: &Path, opts: &CompareOptions) -> V
             }
         }
     }
-    let norm = |g: HashMap<(u64, u64), Vec<&[u8]>>| {
+    fn norm(g: HashMap<(u64, u64), Vec<&[u8]>>) -> Vec<Vec<&[u8]>> {
         let mut v: Vec<Vec<&[u8]>> = g
             .into_values()
             .map(|mut x| {
@@ -225,7 +225,7 @@ pub fn compare_trees(expected: &Path, actual: &Path, opts: &CompareOptions) -> V
             .collect();
         v.sort();
         v
-    };
+    }
     let (ga, gb) = (norm(groups_a), norm(groups_b));
     if ga != gb {
         let show = |g: &Vec<Vec<&[u8]>>| {

@@ -7,7 +7,6 @@ pub mod cli;
 pub mod convert;
 pub mod fswalk;
 pub mod imagefile;
-pub mod imagefile;
 pub mod mount;
 pub mod objects;
 pub mod oci;

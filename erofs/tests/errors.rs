@@ -163,7 +163,8 @@ fn structural_errors() {
 
 #[test]
 fn field_overflows_are_errors() {
-    let cases: Vec<(Inode, fn(&WriteError) -> bool)> = vec![
+    type Case = (Inode, fn(&WriteError) -> bool);
+    let cases: Vec<Case> = vec![
         (
             Inode::new(
                 Kind::CharDevice {

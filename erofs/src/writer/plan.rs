@@ -170,7 +170,14 @@ pub(crate) fn plan(
                 let tail = size % BLOCK;
                 p.data_blocks = nblocks;
                 if tail != 0 {
-                    let fits_here = (pos + head) % BLOCK + tail <= BLOCK;
+                    // 6.1 reads a symlink as a fast symlink only when its target sits in the block
+                    // holding the inode's last byte (fs/erofs/inode.c, erofs_fill_symlink); other
+                    // inline tails only must not cross a block.
+                    let fits_here = if matches!(inode.kind, Kind::Symlink(_)) {
+                        (pos + isize - 1) % BLOCK + 1 + u64::from(x.ibody) + tail <= BLOCK
+                    } else {
+                        (pos + head) % BLOCK + tail <= BLOCK
+                    };
                     let next = round_up(pos, BLOCK)?;
                     let fits_next = head % BLOCK + tail <= BLOCK && (next - pos) + tail < BLOCK;
                     if fits_here || fits_next {

@@ -80,9 +80,9 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
                 } else {
                     rng.below(m.len())
                 };
-                for k in 0..w {
+                for (k, &byte) in v.iter().take(w).enumerate() {
                     if let Some(b) = m.get_mut(at + k) {
-                        *b = v[k];
+                        *b = byte;
                     }
                 }
             }

@@ -4,7 +4,7 @@
 //! nlink against the entries found; device ids and per-device block counts; xattr bodies whose entry
 //! sizes add up exactly; no directory reached twice (no loops).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::{corrupt, Image, InodeInfo, ReadAt, ReadError};
 use crate::format::{
@@ -43,6 +43,7 @@ impl<R: ReadAt> Image<R> {
             devices: self.devices.len() as u64,
             ..Default::default()
         };
+        let mut shared_seen: HashSet<u32> = HashSet::new();
         for (i, d) in self.devices.iter().enumerate() {
             if d.tag[0] == 0 {
                 return Err(ReadError::Superblock {
@@ -58,7 +59,7 @@ impl<R: ReadAt> Image<R> {
                 expected: "directory (root)",
             });
         }
-        self.check_inode(&root, &mut report)?;
+        self.check_inode(&root, &mut report, &mut shared_seen)?;
         let mut seen: HashMap<u64, Seen> = HashMap::new();
         seen.insert(
             root_nid,
@@ -129,7 +130,7 @@ impl<R: ReadAt> Image<R> {
                 }
                 let ino = self.inode(e.nid)?;
                 check_file_type(&dir, at, e.file_type, &ino)?;
-                self.check_inode(&ino, &mut report)?;
+                self.check_inode(&ino, &mut report, &mut shared_seen)?;
                 let is_dir = ino.file_type() == S_IFDIR;
                 seen.insert(
                     e.nid,
@@ -174,9 +175,14 @@ impl<R: ReadAt> Image<R> {
         Ok(report)
     }
 
-    fn check_inode(&self, ino: &InodeInfo, report: &mut CheckReport) -> Result<(), ReadError> {
+    fn check_inode(
+        &self,
+        ino: &InodeInfo,
+        report: &mut CheckReport,
+        shared_seen: &mut HashSet<u32>,
+    ) -> Result<(), ReadError> {
         let nid = ino.nid;
-        self.xattrs(ino)?;
+        self.validate_xattrs(ino, &mut |id| shared_seen.insert(id))?;
         let ty = ino.file_type();
         match ty {
             S_IFDIR => report.directories += 1,

@@ -1,5 +1,5 @@
 //! Directory blocks (fs/erofs/dir.c): an array of dirents then names per block; the last name of a
-//! block runs to the first NUL or the end of the block's valid bytes.
+//! block runs to the first NUL or the end of the block's valid bytes. Entries must be sorted.
 
 use zerocopy::FromBytes;
 
@@ -108,6 +108,18 @@ fn parse_block(
         let len = end - nameoff;
         if len == 0 || len > NAME_LEN {
             return Err(bad(i * 12, format!("name length {len} not in 1..=255")));
+        }
+        // Names must ascend strictly across the whole directory (the kernel's lookup depends on it).
+        // Checking while parsing also stops images whose blocks repeat (e.g. many chunks naming the same
+        // block) from growing the entry list without bound.
+        if out
+            .last()
+            .is_some_and(|prev: &RawDirent| prev.name.as_slice() >= &block[nameoff..end])
+        {
+            return Err(bad(
+                i * 12,
+                "directory entries not strictly sorted by bytes".into(),
+            ));
         }
         out.push(RawDirent {
             name: block[nameoff..end].to_vec(),

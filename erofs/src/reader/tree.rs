@@ -16,6 +16,10 @@ use crate::writer::ContentSource;
 /// Longest symlink target accepted (PATH_MAX - 1).
 const MAX_SYMLINK: u64 = 4095;
 
+/// Decoded xattr bytes `read_tree` accepts in all: shared entries are stored once but copied into every
+/// inode naming them, so a small damaged image could otherwise expand into gigabytes.
+pub const MAX_TREE_XATTR_BYTES: u64 = 512 << 20;
+
 impl<R: ReadAt> Image<R> {
     /// Rebuilds the tree: inode 0 is the root, the others in breadth-first order. Inline files get
     /// `source` = their nid (see [`Image::read_file_at`]); external files get the digest of their
@@ -29,8 +33,9 @@ impl<R: ReadAt> Image<R> {
                 expected: "directory (root)",
             });
         }
+        let mut budget = MAX_TREE_XATTR_BYTES;
         let mut tree = Tree {
-            inodes: vec![self.tree_inode(&root)?],
+            inodes: vec![self.tree_inode(&root, &mut budget)?],
         };
         let mut id_of: HashMap<u64, InodeId> = HashMap::from([(root_nid, 0)]);
         let mut queue = VecDeque::from([(root, 0usize)]);
@@ -53,7 +58,7 @@ impl<R: ReadAt> Image<R> {
                     }
                     None => {
                         let ino = self.inode(e.nid)?;
-                        let cid = tree.push(self.tree_inode(&ino)?);
+                        let cid = tree.push(self.tree_inode(&ino, &mut budget)?);
                         id_of.insert(e.nid, cid);
                         if ino.file_type() == S_IFDIR {
                             queue.push_back((ino, cid));
@@ -71,7 +76,7 @@ impl<R: ReadAt> Image<R> {
     }
 
     /// The tree form of one inode (directories come back empty).
-    fn tree_inode(&self, ino: &InodeInfo) -> Result<Inode, ReadError> {
+    fn tree_inode(&self, ino: &InodeInfo, xattr_budget: &mut u64) -> Result<Inode, ReadError> {
         let nid = ino.nid;
         let kind = match ino.file_type() {
             S_IFDIR => Kind::Directory(BTreeMap::new()),
@@ -115,6 +120,12 @@ impl<R: ReadAt> Image<R> {
         };
         let mut xattrs = BTreeMap::new();
         for (name, value) in self.xattrs(ino)? {
+            *xattr_budget = xattr_budget
+                .checked_sub((name.len() + value.len()) as u64)
+                .ok_or_else(|| ReadError::Unsupported {
+                    nid,
+                    what: format!("xattrs beyond {MAX_TREE_XATTR_BYTES} bytes in all"),
+                })?;
             if xattrs.insert(name, value).is_some() {
                 return Err(corrupt(nid, ino.offset, "duplicate xattr name"));
             }

@@ -12,10 +12,31 @@ pub type Xattr = (Vec<u8>, Vec<u8>);
 impl<R: ReadAt> Image<R> {
     /// The xattrs of an inode, inline entries first, then shared ones, in on-disk order.
     pub fn xattrs(&self, ino: &InodeInfo) -> Result<Vec<Xattr>, ReadError> {
+        let mut out = Vec::new();
+        self.walk_xattrs(ino, &mut |_| true, &mut |x| out.push(x))?;
+        Ok(out)
+    }
+
+    /// Validates an inode's xattr body; shared entries are read only when `first_use` says so (`check`
+    /// validates each shared entry once, however many inodes name it).
+    pub(crate) fn validate_xattrs(
+        &self,
+        ino: &InodeInfo,
+        first_use: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<(), ReadError> {
+        self.walk_xattrs(ino, first_use, &mut |_| {})
+    }
+
+    fn walk_xattrs(
+        &self,
+        ino: &InodeInfo,
+        read_shared: &mut dyn FnMut(u32) -> bool,
+        out: &mut dyn FnMut(Xattr),
+    ) -> Result<(), ReadError> {
         let nid = ino.nid;
         let size = ino.xattr_isize();
         if size == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let start = ino.offset + ino.inode_isize();
         if size == 12 {
@@ -38,7 +59,6 @@ impl<R: ReadAt> Image<R> {
                 format!("{shared} shared xattr ids do not fit the xattr body"),
             ));
         }
-        let mut out = Vec::new();
         let mut off = 12 + shared * 4;
         while off < body.len() {
             let at = start + off as u64;
@@ -60,15 +80,17 @@ impl<R: ReadAt> Image<R> {
                     format!("xattr name index {} unknown to 6.1", e.e_name_index),
                 )
             })?;
-            out.push((name, tail[nl..nl + vl].to_vec()));
+            out((name, tail[nl..nl + vl].to_vec()));
             off += esize;
         }
         for i in 0..shared {
             let raw = &body[12 + 4 * i..16 + 4 * i];
             let id = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
-            out.push(self.shared_xattr(nid, id)?);
+            if read_shared(id) {
+                out(self.shared_xattr(nid, id)?);
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Reads shared xattr `id`.

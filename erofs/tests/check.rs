@@ -214,3 +214,42 @@ fn truncated_image_is_an_error() {
         let _ = image.read_tree();
     }
 }
+
+/// Regression (found by the fuzzer): a chunk index naming a device id within `device_id_mask` but
+/// beyond the device table made `read_tree` index out of bounds.
+#[test]
+fn device_id_within_mask_but_beyond_table() {
+    let mut t = Tree::new(meta(0o755, 0));
+    for i in 0..5u8 {
+        add(
+            &mut t,
+            0,
+            &[b'f', b'0' + i],
+            Inode::new(
+                Kind::Regular(FileData::External {
+                    size: 10,
+                    digest: [i; 32],
+                }),
+                meta(0o644, 0),
+            ),
+        );
+    }
+    let (mut img, _) = write(&t);
+    let image = Image::open(img.as_slice()).unwrap();
+    let root = image.inode(image.root_nid()).unwrap();
+    let nid = image
+        .read_dir(&root)
+        .unwrap()
+        .into_iter()
+        .find(|e| e.name == b"f0")
+        .unwrap()
+        .nid;
+    let idx = image.inode(nid).unwrap().body_end().next_multiple_of(8) as usize;
+    drop(image);
+    img[idx + 2..idx + 4].copy_from_slice(&6u16.to_le_bytes()); // mask is 7, only 5 devices
+    let image = Image::open(img.as_slice()).unwrap();
+    assert!(image.read_tree().is_err());
+    assert_corrupt(image.check().unwrap_err(), nid, "beyond");
+    let mut buf = [0u8; 10];
+    assert!(image.read_file_at(nid, 0, &mut buf).is_err());
+}

@@ -192,7 +192,13 @@ impl<R: ReadAt> Image<R> {
                 what: "file mixing image and device chunks".into(),
             }),
             Some(device) => {
-                let dev = &self.devices[usize::from(device) - 1];
+                let dev = self.devices.get(usize::from(device) - 1).ok_or_else(|| {
+                    corrupt(
+                        nid,
+                        ino.offset,
+                        format!("device id {device} beyond {} devices", self.devices.len()),
+                    )
+                })?;
                 let digest = dev.digest.ok_or_else(|| ReadError::Unsupported {
                     nid,
                     what: format!("device {device} tag is not a sha256 in hex"),

@@ -26,7 +26,7 @@ use crate::store::ObjectStore;
 use crate::tree::merge::{reachable, Merger};
 
 /// Files up to this size stay inside the index (docs/convert.md has the measurement).
-pub const DEFAULT_INLINE_MAX: u64 = 0;
+pub const DEFAULT_INLINE_MAX: u64 = 2048;
 
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {

@@ -81,15 +81,20 @@ impl Pool {
                 let shared = Arc::clone(&shared);
                 std::thread::Builder::new()
                     .name(format!("wisp-hash-{i}"))
-                    .spawn(move || loop {
-                        let job = match jobs_rx.lock().expect("job queue lock").recv() {
-                            Ok(j) => j,
-                            Err(_) => return,
-                        };
-                        let id = job.id;
-                        let result = run_job(&shared, job);
-                        if res_tx.send(JobResult { id, result }).is_err() {
-                            return;
+                    .spawn(move || {
+                        // One compression context per worker, reused for every in-memory object
+                        // (setting up a context costs more than compressing a small file).
+                        let mut zctx = zstd::bulk::Compressor::new(shared.opts.level).ok();
+                        loop {
+                            let job = match jobs_rx.lock().expect("job queue lock").recv() {
+                                Ok(j) => j,
+                                Err(_) => return,
+                            };
+                            let id = job.id;
+                            let result = run_job(&shared, job, zctx.as_mut());
+                            if res_tx.send(JobResult { id, result }).is_err() {
+                                return;
+                            }
                         }
                     })
                     .expect("spawning a worker thread")
@@ -131,7 +136,7 @@ enum Body {
     File(PathBuf, File),
 }
 
-fn run_job(shared: &Shared, job: FileJob) -> Result<Digest> {
+fn run_job(shared: &Shared, job: FileJob, zctx: Option<&mut zstd::bulk::Compressor<'static>>) -> Result<Digest> {
     let mut hasher = Sha256::new();
     let mut body = Body::Memory(Vec::new());
     let mut count = 0u64;
@@ -162,7 +167,7 @@ fn run_job(shared: &Shared, job: FileJob) -> Result<Digest> {
             }
             objects.insert(digest, None);
         }
-        let staged = stage(shared, &digest, count, body).with_context(|| format!("{}: storing its object", job.what));
+        let staged = stage(shared, &digest, count, body, zctx).with_context(|| format!("{}: storing its object", job.what));
         let mut objects = shared.objects.lock().expect("objects lock");
         match staged {
             Ok(s) => {
@@ -180,11 +185,21 @@ fn run_job(shared: &Shared, job: FileJob) -> Result<Digest> {
 }
 
 /// Produces the stored form of a new object, unless the store already has it.
-fn stage(shared: &Shared, digest: &Digest, size: u64, body: Body) -> Result<Staged> {
+fn stage(
+    shared: &Shared,
+    digest: &Digest,
+    size: u64,
+    body: Body,
+    zctx: Option<&mut zstd::bulk::Compressor<'static>>,
+) -> Result<Staged> {
     if let Some(entry) = shared.store.lookup(digest, size)? {
         return Ok(Staged { entry, path: None });
     }
     let raw = shared.staging.join(hex::encode(digest));
+    if let (Body::Memory(buf), Some(z)) = (&body, zctx) {
+        let (entry, path) = crate::store::compress::stage_bytes(buf, digest, &raw, &shared.opts, z)?;
+        return Ok(Staged { entry, path: Some(path) });
+    }
     match body {
         Body::Memory(buf) => {
             let mut f = File::create(&raw).with_context(|| format!("creating {}", raw.display()))?;

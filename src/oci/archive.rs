@@ -121,7 +121,7 @@ impl Repo for DockerArchive {
         Ok(self.blobs.contains_key(digest))
     }
 
-    fn put_blob_file(&self, _: &str, _: u64, _: &Path) -> Result<()> {
+    fn put_blob_file(&self, _: &str, _: u64, _: &Path) -> Result<bool> {
         bail!("docker-archive: is read-only")
     }
 
@@ -129,7 +129,11 @@ impl Repo for DockerArchive {
         bail!("docker-archive: is read-only")
     }
 
-    fn put_manifest(&self, _: &[u8], _: &str, _: bool) -> Result<String> {
+    fn tag(&self) -> String {
+        "latest".into()
+    }
+
+    fn put_manifest(&self, _: &[u8], _: &str, _: Option<&str>) -> Result<String> {
         bail!("docker-archive: is read-only")
     }
 }

@@ -216,11 +216,22 @@ pub fn push(dst: &dyn Repo, b: &Built) -> Result<String> {
     if !b.object_lists.is_empty() {
         dst.put_blob(&sha256_digest(OBJECTS_CONFIG), OBJECTS_CONFIG).with_context(what)?;
     }
-    for l in &b.object_lists {
-        dst.put_manifest(l, MT_OCI_MANIFEST, false).with_context(what)?;
+    let tag = dst.tag();
+    let keep = |kind: &str| keepalive_tag(&tag, kind);
+    for (i, l) in b.object_lists.iter().enumerate() {
+        dst.put_manifest(l, MT_OCI_MANIFEST, Some(&keep(&format!("objects{i}")))).with_context(what)?;
     }
-    dst.put_manifest(&b.manifest, MT_OCI_MANIFEST, false).with_context(what)?;
-    dst.put_manifest(&b.index, MT_OCI_INDEX, true).with_context(what)
+    dst.put_manifest(&b.manifest, MT_OCI_MANIFEST, Some(&keep("index"))).with_context(what)?;
+    dst.put_manifest(&b.index, MT_OCI_INDEX, Some(&tag)).with_context(what)
+}
+
+/// The tag that pins a child of the image index tagged `tag`: registries whose garbage collector
+/// deletes untagged manifests (distribution 2.8 `garbage-collect --delete-untagged`) delete an
+/// index's untagged children too, so each child carries a tag of its own: `TAG-wisp-index`,
+/// `TAG-wisp-objects0`, ... (a long TAG is shortened to a hash).
+pub fn keepalive_tag(tag: &str, kind: &str) -> String {
+    let base = if tag.len() <= 100 { tag.to_string() } else { sha256_digest(tag.as_bytes())[7..39].to_string() };
+    format!("{base}-wisp-{kind}")
 }
 
 /// An index image as read back.

@@ -111,10 +111,10 @@ impl Repo for Layout {
         Ok(self.blob_path(digest)?.is_file())
     }
 
-    fn put_blob_file(&self, digest: &str, size: u64, path: &Path) -> Result<()> {
+    fn put_blob_file(&self, digest: &str, size: u64, path: &Path) -> Result<bool> {
         let dest = self.blob_path(digest)?;
         if dest.is_file() {
-            return Ok(());
+            return Ok(false);
         }
         let tmp = tmp_name(&dest);
         let r = (|| -> Result<()> {
@@ -131,7 +131,8 @@ impl Repo for Layout {
         if r.is_err() {
             let _ = fs::remove_file(&tmp);
         }
-        r.with_context(|| format!("storing blob {digest} in {}", self.describe()))
+        r.with_context(|| format!("storing blob {digest} in {}", self.describe()))?;
+        Ok(true)
     }
 
     fn put_blob(&self, digest: &str, bytes: &[u8]) -> Result<()> {
@@ -143,11 +144,15 @@ impl Repo for Layout {
         write_atomic(&dest, bytes)
     }
 
-    fn put_manifest(&self, bytes: &[u8], media_type: &str, tag: bool) -> Result<String> {
+    fn tag(&self) -> String {
+        self.tag.clone().unwrap_or_else(|| "latest".into())
+    }
+
+    fn put_manifest(&self, bytes: &[u8], media_type: &str, tag: Option<&str>) -> Result<String> {
         let digest = sha256_digest(bytes);
         self.put_blob(&digest, bytes)?;
-        if tag {
-            let name = self.tag.clone().unwrap_or_else(|| "latest".into());
+        if let Some(name) = tag {
+            let name = name.to_string();
             let mut index = self.index()?;
             index.manifests.retain(|d| d.annotations.get(REF_NAME) != Some(&name));
             let mut d = Descriptor {

@@ -95,12 +95,15 @@ pub trait Repo: Send + Sync {
     fn open_blob(&self, digest: &str, size: Option<u64>) -> Result<Box<dyn Read + Send>>;
     /// Whether the blob is present.
     fn has_blob(&self, digest: &str) -> Result<bool>;
-    /// Stores a blob from a file whose bytes have the given digest and size.
-    fn put_blob_file(&self, digest: &str, size: u64, path: &Path) -> Result<()>;
+    /// Stores a blob from a file whose bytes have the given digest and size, unless the blob is
+    /// already there. Returns whether it was written.
+    fn put_blob_file(&self, digest: &str, size: u64, path: &Path) -> Result<bool>;
     /// Stores a blob from memory.
     fn put_blob(&self, digest: &str, bytes: &[u8]) -> Result<()>;
-    /// Stores a manifest or index (by digest), and points the reference's tag at it when `tag` is set.
-    fn put_manifest(&self, bytes: &[u8], media_type: &str, tag: bool) -> Result<String>;
+    /// Stores a manifest or index (by digest), and points tag `tag` at it when given.
+    fn put_manifest(&self, bytes: &[u8], media_type: &str, tag: Option<&str>) -> Result<String>;
+    /// The tag the reference names (`latest` when it names none).
+    fn tag(&self) -> String;
 }
 
 /// Opens the repository a reference names. `create` makes a missing OCI layout directory.

@@ -110,9 +110,9 @@ impl Repo for Registry {
             .with_context(|| format!("checking blob {digest} in {}", self.describe()))
     }
 
-    fn put_blob_file(&self, digest: &str, size: u64, path: &Path) -> Result<()> {
+    fn put_blob_file(&self, digest: &str, size: u64, path: &Path) -> Result<bool> {
         if self.has_blob(digest)? {
-            return Ok(());
+            return Ok(false);
         }
         let path = path.to_path_buf();
         let stream = file_stream(path.clone());
@@ -120,7 +120,7 @@ impl Repo for Registry {
             .block_on(self.client.push_blob_stream(&self.reference, stream, digest, Some(size)))
             .map_err(|e| anyhow!("{e}"))
             .with_context(|| format!("uploading blob {digest} ({}) to {}", path.display(), self.describe()))?;
-        Ok(())
+        Ok(true)
     }
 
     fn put_blob(&self, digest: &str, bytes: &[u8]) -> Result<()> {
@@ -134,10 +134,21 @@ impl Repo for Registry {
         Ok(())
     }
 
-    fn put_manifest(&self, bytes: &[u8], media_type: &str, tag: bool) -> Result<String> {
+    fn tag(&self) -> String {
+        self.reference.tag().unwrap_or("latest").to_string()
+    }
+
+    fn put_manifest(&self, bytes: &[u8], media_type: &str, tag: Option<&str>) -> Result<String> {
         self.ensure_auth();
         let digest = sha256_digest(bytes);
-        let target = if tag { self.reference.clone() } else { self.by_digest(&digest) };
+        let target = match tag {
+            Some(t) => Reference::with_tag(
+                self.reference.registry().to_string(),
+                self.reference.repository().to_string(),
+                t.to_string(),
+            ),
+            None => self.by_digest(&digest),
+        };
         self.rt
             .block_on(self.client.push_manifest_raw(&target, bytes.to_vec(), media_type.parse()?))
             .map_err(|e| anyhow!("{e}"))

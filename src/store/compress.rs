@@ -90,3 +90,40 @@ pub fn finish_object(raw: &Path, digest: &Digest, size: u64, opts: &CompressOpti
         Ok((raw_entry, raw.to_path_buf()))
     }
 }
+
+/// Like [`finish_object`] for content held in memory (`buf`), compressed with a reused context:
+/// writes only the stored form, to `raw` or `raw.zst`.
+pub fn stage_bytes(
+    buf: &[u8],
+    digest: &Digest,
+    raw: &Path,
+    opts: &CompressOptions,
+    z: &mut zstd::bulk::Compressor<'static>,
+) -> Result<(ObjectEntry, PathBuf)> {
+    let size = buf.len() as u64;
+    let compressed = if size == 0 || opts.max_ratio <= 0.0 {
+        None
+    } else {
+        let c = z.compress(buf).with_context(|| format!("compressing object {}", hex::encode(digest)))?;
+        ((c.len() as f64) <= (size as f64) * opts.max_ratio).then_some(c)
+    };
+    let (entry, path, bytes) = match compressed {
+        Some(c) => {
+            let entry = ObjectEntry {
+                digest: *digest,
+                blob: Sha256::digest(&c).into(),
+                size,
+                stored_size: c.len() as u64,
+                compression: Compression::Zstd,
+            };
+            (entry, raw.with_extension("zst"), std::borrow::Cow::Owned(c))
+        }
+        None => (
+            ObjectEntry { digest: *digest, blob: *digest, size, stored_size: size, compression: Compression::None },
+            raw.to_path_buf(),
+            std::borrow::Cow::Borrowed(buf),
+        ),
+    };
+    fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+    Ok((entry, path))
+}

@@ -87,25 +87,15 @@ impl ObjectStore for RepoStore {
         self.repo.describe()
     }
 
-    fn lookup(&self, digest: &Digest, size: u64) -> Result<Option<ObjectEntry>> {
-        // Only an uncompressed object is named by its content digest.
-        let d = format!("sha256:{}", hex::encode(digest));
-        Ok(self.repo.has_blob(&d)?.then_some(ObjectEntry {
-            digest: *digest,
-            blob: *digest,
-            size,
-            stored_size: size,
-            compression: Compression::None,
-        }))
+    fn lookup(&self, _digest: &Digest, _size: u64) -> Result<Option<ObjectEntry>> {
+        // A repository names objects by the digest of their stored (usually compressed) bytes, which
+        // is only known after compressing; `put` checks for the blob before uploading it.
+        Ok(None)
     }
 
     fn put(&self, obj: &ObjectEntry, staged: &Path) -> Result<bool> {
         let d = obj.blob_digest();
-        if self.repo.has_blob(&d)? {
-            return Ok(false);
-        }
-        self.repo.put_blob_file(&d, obj.stored_size, staged)?;
-        Ok(true)
+        self.repo.put_blob_file(&d, obj.stored_size, staged)
     }
 
     fn open(&self, obj: &ObjectEntry) -> Result<Box<dyn Read + Send>> {

@@ -138,7 +138,13 @@ impl<R: Read> TarReader<R> {
             match buf[156] {
                 b'x' => {
                     let data = self.read_ext(stored, MAX_PAX, "PAX header", offset)?;
-                    pax.extend(parse_pax(&data).map_err(hdr_err)?);
+                    for (k, v) in parse_pax(&data).map_err(hdr_err)? {
+                        // An empty value unsets the keyword (POSIX pax).
+                        pax.retain(|(key, _)| *key != k);
+                        if !v.is_empty() {
+                            pax.push((k, v));
+                        }
+                    }
                     continue;
                 }
                 b'g' => {

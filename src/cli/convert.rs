@@ -42,12 +42,25 @@ pub struct Args {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Measurement baseline: only decompress the layers and sha256 every file, on one core; write
+    /// nothing (DST and --store are ignored). Prints tar bytes, file bytes and seconds.
+    #[arg(long, hide = true)]
+    hash_only: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let topts = TransportOptions { plain_http: a.plain_http };
     let src = oci::open(&a.src, &topts, false).with_context(|| format!("opening {}", a.src))?;
-    let dst: Arc<dyn oci::Repo> = Arc::from(oci::open(&a.dst, &topts, true).with_context(|| format!("opening {}", a.dst))?);
+    if a.hash_only {
+        let start = std::time::Instant::now();
+        let image = oci::resolve_source(&*src)?;
+        let (tar_bytes, file_bytes) = crate::convert::layers::hash_only(&*src, &image.manifest.layers)?;
+        let seconds = start.elapsed().as_secs_f64();
+        println!("{}", serde_json::json!({"tar_bytes": tar_bytes, "file_bytes": file_bytes, "seconds": seconds}));
+        return Ok(());
+    }
+    let dst: Arc<dyn oci::Repo> =
+        Arc::from(oci::open(&a.dst, &topts, true).with_context(|| format!("opening {}", a.dst))?);
     let store = store::open(a.store.as_ref(), &a.dst, Arc::clone(&dst), true)?;
     let opts = ConvertOptions {
         inline_max: a.inline_max,

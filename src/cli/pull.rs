@@ -36,7 +36,8 @@ pub fn run(a: Args) -> Result<()> {
         bail!("only `wisp pull --eager` exists so far; lazy mounting is `wisp mount`");
     }
     let topts = TransportOptions { plain_http: a.plain_http };
-    let repo: Arc<dyn oci::Repo> = Arc::from(oci::open(&a.image, &topts, false).with_context(|| format!("opening {}", a.image))?);
+    let repo: Arc<dyn oci::Repo> =
+        Arc::from(oci::open(&a.image, &topts, false).with_context(|| format!("opening {}", a.image))?);
     let store = store::open(a.store.as_ref(), &a.image, Arc::clone(&repo), false)?;
     let s = crate::convert::eager::pull_eager(&*repo, &*store, &a.dir, a.jobs, !a.json)?;
     if a.json {

@@ -43,7 +43,13 @@ pub struct PullSummary {
 
 /// Pulls the index image from `repo` and materializes it at `dest` (which must not exist or be
 /// empty).
-pub fn pull_eager(repo: &dyn Repo, store: &dyn ObjectStore, dest: &Path, jobs: usize, progress: bool) -> Result<PullSummary> {
+pub fn pull_eager(
+    repo: &dyn Repo,
+    store: &dyn ObjectStore,
+    dest: &Path,
+    jobs: usize,
+    progress: bool,
+) -> Result<PullSummary> {
     let start = Instant::now();
     let pulled = index_image::read(repo).with_context(|| format!("reading the index image {}", repo.describe()))?;
     let image = erofs::reader::Image::open(pulled.erofs.as_slice()).context("opening the EROFS index")?;
@@ -58,7 +64,9 @@ pub fn pull_eager(repo: &dyn Repo, store: &dyn ObjectStore, dest: &Path, jobs: u
         if let Kind::Regular(data) = &tree.inodes[id].kind {
             files += 1;
             if let FileData::External { digest, size } = data {
-                let e = map.get(digest).with_context(|| format!("object {} is missing from the object map", hex::encode(digest)))?;
+                let e = map
+                    .get(digest)
+                    .with_context(|| format!("object {} is missing from the object map", hex::encode(digest)))?;
                 if e.size != *size {
                     bail!("object {}: the index says {size} bytes, the object map {}", hex::encode(digest), e.size);
                 }
@@ -79,7 +87,14 @@ pub fn pull_eager(repo: &dyn Repo, store: &dyn ObjectStore, dest: &Path, jobs: u
     fetch_all(store, &needed, staging.path(), jobs, progress)?;
 
     fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
-    let mut m = Materializer { tree: &tree, image: &image, staging: staging.path(), uses, first_path: HashMap::new(), dirs: Vec::new() };
+    let mut m = Materializer {
+        tree: &tree,
+        image: &image,
+        staging: staging.path(),
+        uses,
+        first_path: HashMap::new(),
+        dirs: Vec::new(),
+    };
     m.dir(ROOT, dest)?;
     let dirs = std::mem::take(&mut m.dirs);
     for (id, path) in dirs.iter().rev() {
@@ -100,7 +115,13 @@ pub fn pull_eager(repo: &dyn Repo, store: &dyn ObjectStore, dest: &Path, jobs: u
     })
 }
 
-fn fetch_all(store: &dyn ObjectStore, needed: &[ObjectEntry], staging: &Path, jobs: usize, progress: bool) -> Result<()> {
+fn fetch_all(
+    store: &dyn ObjectStore,
+    needed: &[ObjectEntry],
+    staging: &Path,
+    jobs: usize,
+    progress: bool,
+) -> Result<()> {
     let pb = progress.then(|| super::progress::bytes(needed.iter().map(|e| e.stored_size).sum(), "objects"));
     let next = Mutex::new(0usize);
     let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
@@ -210,12 +231,20 @@ impl Materializer<'_> {
                 f.set_len(*size)?;
             }
             Kind::Symlink(target) => rustix::fs::symlinkat(target.as_slice(), CWD, path)?,
-            Kind::CharDevice { major, minor } => {
-                rustix::fs::mknodat(CWD, path, FileType::CharacterDevice, Mode::empty(), rustix::fs::makedev(*major, *minor))?
-            }
-            Kind::BlockDevice { major, minor } => {
-                rustix::fs::mknodat(CWD, path, FileType::BlockDevice, Mode::empty(), rustix::fs::makedev(*major, *minor))?
-            }
+            Kind::CharDevice { major, minor } => rustix::fs::mknodat(
+                CWD,
+                path,
+                FileType::CharacterDevice,
+                Mode::empty(),
+                rustix::fs::makedev(*major, *minor),
+            )?,
+            Kind::BlockDevice { major, minor } => rustix::fs::mknodat(
+                CWD,
+                path,
+                FileType::BlockDevice,
+                Mode::empty(),
+                rustix::fs::makedev(*major, *minor),
+            )?,
             Kind::Fifo => rustix::fs::mknodat(CWD, path, FileType::Fifo, Mode::empty(), 0)?,
             Kind::Socket => rustix::fs::mknodat(CWD, path, FileType::Socket, Mode::empty(), 0)?,
         }
@@ -238,7 +267,8 @@ fn set_meta(inode: &Inode, path: &Path) -> Result<()> {
     )
     .context("chown")?;
     if !is_link {
-        rustix::fs::chmodat(CWD, path, Mode::from_bits_truncate(u32::from(m.perm).into()), AtFlags::empty()).context("chmod")?;
+        rustix::fs::chmodat(CWD, path, Mode::from_bits_truncate(u32::from(m.perm).into()), AtFlags::empty())
+            .context("chmod")?;
     }
     for (name, value) in &inode.xattrs {
         rustix::fs::lsetxattr(path, name.as_slice(), value, rustix::fs::XattrFlags::empty())

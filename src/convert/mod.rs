@@ -128,7 +128,15 @@ pub fn convert(
     let mut merger = Merger::new();
     let mut pass = layers::LayerPass::default();
     let pb = opts.progress.then(|| progress::bytes(sum.layer_bytes_compressed, "layers"));
-    let applied = layers::apply_layers(src, &source.manifest.layers, &mut merger, &mut pool, opts.inline_max, &mut pass, pb.as_ref());
+    let applied = layers::apply_layers(
+        src,
+        &source.manifest.layers,
+        &mut merger,
+        &mut pool,
+        opts.inline_max,
+        &mut pass,
+        pb.as_ref(),
+    );
     let (results, staged) = pool.finish();
     if let Some(pb) = &pb {
         pb.finish_and_clear();
@@ -170,7 +178,8 @@ pub fn convert(
     let todo: Vec<(ObjectEntry, Option<PathBuf>)> = used
         .keys()
         .map(|d| {
-            let s = staged.get(d).with_context(|| format!("internal error: object {} was not staged", hex::encode(d)))?;
+            let s =
+                staged.get(d).with_context(|| format!("internal error: object {} was not staged", hex::encode(d)))?;
             Ok((s.entry, s.path.clone()))
         })
         .collect::<Result<_>>()?;
@@ -200,7 +209,11 @@ pub fn convert(
 
 /// Puts staged objects into the store with up to `opts.upload_jobs` in parallel. Returns how many
 /// were written and their stored bytes.
-fn store_objects(store: &dyn ObjectStore, todo: &[(ObjectEntry, Option<PathBuf>)], opts: &ConvertOptions) -> Result<(u64, u64)> {
+fn store_objects(
+    store: &dyn ObjectStore,
+    todo: &[(ObjectEntry, Option<PathBuf>)],
+    opts: &ConvertOptions,
+) -> Result<(u64, u64)> {
     let pending: Vec<&(ObjectEntry, Option<PathBuf>)> = todo.iter().filter(|(_, p)| p.is_some()).collect();
     let pb = opts.progress.then(|| progress::count(pending.len() as u64, "objects"));
     let next = Mutex::new(0usize);

@@ -148,7 +148,8 @@ fn run_job(shared: &Shared, job: FileJob, zctx: Option<&mut zstd::bulk::Compress
             match &mut body {
                 Body::Memory(buf) if buf.len() + chunk.len() <= SPILL => buf.extend_from_slice(&chunk),
                 Body::Memory(buf) => {
-                    let mut f = File::create(&spill_path).with_context(|| format!("creating {}", spill_path.display()))?;
+                    let mut f =
+                        File::create(&spill_path).with_context(|| format!("creating {}", spill_path.display()))?;
                     f.write_all(buf)?;
                     f.write_all(&chunk)?;
                     body = Body::File(spill_path.clone(), f);
@@ -167,7 +168,8 @@ fn run_job(shared: &Shared, job: FileJob, zctx: Option<&mut zstd::bulk::Compress
             }
             objects.insert(digest, None);
         }
-        let staged = stage(shared, &digest, count, body, zctx).with_context(|| format!("{}: storing its object", job.what));
+        let staged =
+            stage(shared, &digest, count, body, zctx).with_context(|| format!("{}: storing its object", job.what));
         let mut objects = shared.objects.lock().expect("objects lock");
         match staged {
             Ok(s) => {

@@ -70,18 +70,29 @@ impl DockerArchive {
         let mut layers = Vec::new();
         for (name, diff_id) in entry.layers.iter().zip(&diff_ids) {
             let name = norm(name);
-            let &(_, size) = a.members.get(&name).with_context(|| format!("layer {name} is missing from the archive"))?;
+            let &(_, size) =
+                a.members.get(&name).with_context(|| format!("layer {name} is missing from the archive"))?;
             let digest = match name.strip_prefix("blobs/sha256/") {
                 Some(hex) => format!("sha256:{hex}"),
                 None => diff_id.clone(),
             };
             a.blobs.insert(digest.clone(), name);
-            layers.push(Descriptor { media_type: "application/vnd.docker.image.rootfs.diff.tar".into(), digest, size, ..Default::default() });
+            layers.push(Descriptor {
+                media_type: "application/vnd.docker.image.rootfs.diff.tar".into(),
+                digest,
+                size,
+                ..Default::default()
+            });
         }
         let manifest = ImageManifest {
             schema_version: 2,
             media_type: Some(MT_DOCKER_MANIFEST.into()),
-            config: Descriptor { media_type: MT_OCI_CONFIG.into(), digest: config_digest, size: config.len() as u64, ..Default::default() },
+            config: Descriptor {
+                media_type: MT_OCI_CONFIG.into(),
+                digest: config_digest,
+                size: config.len() as u64,
+                ..Default::default()
+            },
             layers,
             ..Default::default()
         };
@@ -112,7 +123,8 @@ impl Repo for DockerArchive {
     }
 
     fn open_blob(&self, digest: &str, size: Option<u64>) -> Result<Box<dyn Read + Send>> {
-        let name = self.blobs.get(digest).with_context(|| format!("blob {digest} is missing from {}", self.describe()))?;
+        let name =
+            self.blobs.get(digest).with_context(|| format!("blob {digest} is missing from {}", self.describe()))?;
         let r = io::BufReader::with_capacity(1 << 20, self.member(name)?);
         Ok(Box::new(VerifyingReader::new(r, digest, size)))
     }

@@ -99,7 +99,12 @@ fn tar_of(files: &[(&str, &[u8])]) -> Result<Vec<u8>> {
 }
 
 fn desc(media_type: &str, bytes: &[u8]) -> Descriptor {
-    Descriptor { media_type: media_type.into(), digest: sha256_digest(bytes), size: bytes.len() as u64, ..Default::default() }
+    Descriptor {
+        media_type: media_type.into(),
+        digest: sha256_digest(bytes),
+        size: bytes.len() as u64,
+        ..Default::default()
+    }
 }
 
 /// Builds the index image for `tree`, whose external files are the `objects`.
@@ -112,11 +117,18 @@ pub fn build(
     compression: LayerCompression,
 ) -> Result<Built> {
     let mut erofs_image = Vec::new();
-    let stats = erofs::writer::write_image(tree, &mut inline.clone(), &mut erofs_image, &erofs::writer::WriteOptions::default())
-        .context("writing the EROFS index")?;
+    let stats = erofs::writer::write_image(
+        tree,
+        &mut inline.clone(),
+        &mut erofs_image,
+        &erofs::writer::WriteOptions::default(),
+    )
+    .context("writing the EROFS index")?;
     let mut map = Vec::with_capacity(stats.devices.len());
     for d in &stats.devices {
-        let e = objects.get(&d.digest).with_context(|| format!("internal error: no object entry for {}", hex::encode(d.digest)))?;
+        let e = objects
+            .get(&d.digest)
+            .with_context(|| format!("internal error: no object entry for {}", hex::encode(d.digest)))?;
         map.push(*e);
     }
     let map_bytes = objmap::encode(&map);
@@ -253,7 +265,9 @@ pub fn read(repo: &dyn Repo) -> Result<Pulled> {
             let d = ix
                 .manifests
                 .iter()
-                .find(|d| d.annotations.get(ANN_REFTYPE).is_none() && d.platform.as_ref().is_none_or(|p| p.os != "unknown"))
+                .find(|d| {
+                    d.annotations.get(ANN_REFTYPE).is_none() && d.platform.as_ref().is_none_or(|p| p.os != "unknown")
+                })
                 .with_context(|| format!("{}: the image index lists no index image", repo.describe()))?;
             let child = repo.get_manifest(Some(&d.digest))?;
             match parse_manifest(&child.bytes)? {
@@ -264,7 +278,9 @@ pub fn read(repo: &dyn Repo) -> Result<Pulled> {
     };
     match manifest.annotations.get(ANN_FORMAT) {
         Some(v) if v == FORMAT_VERSION => {}
-        Some(v) => bail!("{}: wisp index format {v} is not supported (this wisp reads {FORMAT_VERSION})", repo.describe()),
+        Some(v) => {
+            bail!("{}: wisp index format {v} is not supported (this wisp reads {FORMAT_VERSION})", repo.describe())
+        }
         None => bail!("{}: not a wisp index image (no {ANN_FORMAT} annotation)", repo.describe()),
     }
     let [layer] = manifest.layers.as_slice() else {

@@ -32,7 +32,10 @@ impl Layout {
             }
             fs::create_dir_all(dir.join("blobs/sha256")).with_context(|| format!("creating {}", dir.display()))?;
             write_atomic(&marker, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-            write_atomic(&dir.join("index.json"), br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#)?;
+            write_atomic(
+                &dir.join("index.json"),
+                br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#,
+            )?;
         }
         Ok(Layout { dir: dir.to_path_buf(), tag })
     }
@@ -95,9 +98,13 @@ impl Repo for Layout {
         };
         let path = self.blob_path(&digest)?;
         let mut bytes = Vec::new();
-        VerifyingReader::new(File::open(&path).with_context(|| format!("manifest {digest}: opening {}", path.display()))?, &digest, None)
-            .read_to_end(&mut bytes)
-            .with_context(|| format!("reading manifest {digest}"))?;
+        VerifyingReader::new(
+            File::open(&path).with_context(|| format!("manifest {digest}: opening {}", path.display()))?,
+            &digest,
+            None,
+        )
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading manifest {digest}"))?;
         Ok(RawManifest { bytes, digest })
     }
 

@@ -118,7 +118,8 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let a = ObjectEntry { digest: [2; 32], blob: [3; 32], size: 10, stored_size: 7, compression: Compression::Zstd };
+        let a =
+            ObjectEntry { digest: [2; 32], blob: [3; 32], size: 10, stored_size: 7, compression: Compression::Zstd };
         let b = ObjectEntry { digest: [1; 32], blob: [1; 32], size: 5, stored_size: 5, compression: Compression::None };
         let bytes = encode(&[a, b]);
         assert_eq!(bytes.len(), 16 + 2 * 88);

@@ -50,7 +50,11 @@ impl Registry {
     }
 
     fn by_digest(&self, digest: &str) -> Reference {
-        Reference::with_digest(self.reference.registry().to_string(), self.reference.repository().to_string(), digest.to_string())
+        Reference::with_digest(
+            self.reference.registry().to_string(),
+            self.reference.repository().to_string(),
+            digest.to_string(),
+        )
     }
 
     fn ensure_auth(&self) {
@@ -178,7 +182,9 @@ impl Read for ChannelReader {
     }
 }
 
-fn file_stream(path: PathBuf) -> impl futures_util::Stream<Item = oci_client::errors::Result<bytes::Bytes>> + Send + 'static {
+fn file_stream(
+    path: PathBuf,
+) -> impl futures_util::Stream<Item = oci_client::errors::Result<bytes::Bytes>> + Send + 'static {
     use tokio::io::AsyncReadExt;
     futures_util::stream::unfold(None::<tokio::fs::File>, move |f| {
         let path = path.clone();

@@ -23,7 +23,10 @@ impl<R: Read> VerifyingReader<R> {
     }
 
     fn fail(&self, what: String) -> io::Error {
-        io::Error::new(io::ErrorKind::InvalidData, format!("blob {} does not match its descriptor: {what}", self.digest))
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("blob {} does not match its descriptor: {what}", self.digest),
+        )
     }
 }
 

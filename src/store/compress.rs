@@ -57,7 +57,8 @@ pub fn finish_object(raw: &Path, digest: &Digest, size: u64, opts: &CompressOpti
     }
     let result = (|| -> Result<ObjectEntry> {
         let out = File::create(&zst)?;
-        let mut hw = HashWriter { inner: io::BufWriter::with_capacity(256 << 10, out), hasher: Sha256::new(), count: 0 };
+        let mut hw =
+            HashWriter { inner: io::BufWriter::with_capacity(256 << 10, out), hasher: Sha256::new(), count: 0 };
         {
             let mut enc = zstd::stream::write::Encoder::new(&mut hw, opts.level)?;
             enc.include_checksum(false)?;

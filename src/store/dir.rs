@@ -100,9 +100,14 @@ impl ObjectStore for DirStore {
 
     fn open(&self, obj: &ObjectEntry) -> Result<Box<dyn Read + Send>> {
         let path = self.path(&obj.digest, obj.compression);
-        let f = File::open(&path)
-            .with_context(|| format!("object {} is missing from {} ({})", hex::encode(obj.digest), self.describe(), path.display()))?;
-        Ok(Box::new(VerifyingReader::new(io::BufReader::with_capacity(1 << 20, f), &obj.blob_digest(), Some(obj.stored_size))))
+        let f = File::open(&path).with_context(|| {
+            format!("object {} is missing from {} ({})", hex::encode(obj.digest), self.describe(), path.display())
+        })?;
+        Ok(Box::new(VerifyingReader::new(
+            io::BufReader::with_capacity(1 << 20, f),
+            &obj.blob_digest(),
+            Some(obj.stored_size),
+        )))
     }
 
     fn staging_parent(&self) -> Option<PathBuf> {

@@ -45,21 +45,31 @@ impl std::str::FromStr for StoreSpec {
     fn from_str(s: &str) -> Result<Self> {
         match s.strip_prefix("dir:") {
             Some(p) if !p.is_empty() => Ok(StoreSpec::Dir(p.into())),
-            _ => bail!("{s}: unknown store (use dir:PATH; without --store, objects go to the destination's repository)"),
+            _ => {
+                bail!("{s}: unknown store (use dir:PATH; without --store, objects go to the destination's repository)")
+            }
         }
     }
 }
 
 /// Opens the store a `--store` names, or the repository of `image` when none is given.
-pub fn open(spec: Option<&StoreSpec>, image: &ImageRef, repo: Arc<dyn Repo>, create: bool) -> Result<Arc<dyn ObjectStore>> {
+pub fn open(
+    spec: Option<&StoreSpec>,
+    image: &ImageRef,
+    repo: Arc<dyn Repo>,
+    create: bool,
+) -> Result<Arc<dyn ObjectStore>> {
     match spec {
         Some(StoreSpec::Dir(p)) => Ok(Arc::new(dir::DirStore::open(p, create)?)),
         None => match image {
             ImageRef::DockerArchive { .. } => bail!("docker-archive: cannot hold objects; pass --store dir:PATH"),
-            _ => Ok(Arc::new(RepoStore { repo, staging: match image {
-                ImageRef::Oci { dir, .. } => Some(dir.clone()),
-                _ => None,
-            } })),
+            _ => Ok(Arc::new(RepoStore {
+                repo,
+                staging: match image {
+                    ImageRef::Oci { dir, .. } => Some(dir.clone()),
+                    _ => None,
+                },
+            })),
         },
     }
 }

@@ -24,12 +24,21 @@ pub enum EntryKind {
     Directory,
     /// A regular file of `size` bytes; `sparse` is set for PAX 1.0 sparse members, whose stored data
     /// starts with the map.
-    Regular { size: u64, sparse: Option<SparseMap> },
+    Regular {
+        size: u64,
+        sparse: Option<SparseMap>,
+    },
     /// A hard link to another path (components, relative to the root).
     HardLink(Vec<Vec<u8>>),
     Symlink(Vec<u8>),
-    CharDevice { major: u32, minor: u32 },
-    BlockDevice { major: u32, minor: u32 },
+    CharDevice {
+        major: u32,
+        minor: u32,
+    },
+    BlockDevice {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
 }
 
@@ -47,10 +56,10 @@ pub struct Entry {
 /// Why a member was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum EntryError {
-    #[error("entry {name}: {source}")]
-    Path { name: String, source: PathError },
-    #[error("entry {name}: hard link target {target}: {source}")]
-    LinkPath { name: String, target: String, source: PathError },
+    #[error("entry {name}: {reason}")]
+    Path { name: String, reason: PathError },
+    #[error("entry {name}: hard link target {target}: {reason}")]
+    LinkPath { name: String, target: String, reason: PathError },
     #[error("entry {name}: {what} has no target")]
     NoTarget { name: String, what: &'static str },
     #[error("entry {name}: symlink target of {len} bytes (must be 1..=4095)")]
@@ -63,8 +72,8 @@ pub enum EntryError {
     Pax { name: String, key: String, why: String },
     #[error("entry {name}: {what}")]
     Header { name: String, what: String },
-    #[error("entry {name}: {source}")]
-    Sparse { name: String, source: sparse::SparseError },
+    #[error("entry {name}: {reason}")]
+    Sparse { name: String, reason: sparse::SparseError },
     #[error("entry {name}: reading the tar stream")]
     Io { name: String, source: io::Error },
 }
@@ -77,8 +86,8 @@ pub fn parse(m: &Member, data: &mut impl Read) -> Result<Option<Entry>, EntryErr
     let header_err = |what: String| EntryError::Header { name: name.clone(), what };
     let h = &m.header;
     let ty = h.entry_type();
-    let perm = u16::try_from(h.mode().map_err(|err| header_err(format!("mode: {err}")))? & 0o7777)
-        .expect("masked to 12 bits");
+    let perm =
+        u16::try_from(h.mode().map_err(|err| header_err(format!("mode: {err}")))? & 0o7777).expect("masked to 12 bits");
     let mut uid = h.uid().map_err(|err| header_err(format!("uid: {err}")))?;
     let mut gid = h.gid().map_err(|err| header_err(format!("gid: {err}")))?;
     let mut mtime = (header_mtime(h).map_err(&header_err)?, 0u32);
@@ -113,7 +122,10 @@ pub fn parse(m: &Member, data: &mut impl Read) -> Result<Option<Entry>, EntryErr
             b"GNU.sparse.major" => sparse_major = Some(text()?.to_string()),
             b"GNU.sparse.name" => sparse_name = Some(value.clone()),
             b"GNU.sparse.realsize" => sparse_realsize = Some(number()?),
-            b"GNU.sparse.size" | b"GNU.sparse.map" | b"GNU.sparse.numblocks" | b"GNU.sparse.offset"
+            b"GNU.sparse.size"
+            | b"GNU.sparse.map"
+            | b"GNU.sparse.numblocks"
+            | b"GNU.sparse.offset"
             | b"GNU.sparse.numbytes" => {
                 return Err(pax_err("PAX sparse format 0.x is not supported (only 1.0)".into()));
             }
@@ -127,7 +139,11 @@ pub fn parse(m: &Member, data: &mut impl Read) -> Result<Option<Entry>, EntryErr
     let mut sparse_map = m.gnu_sparse.clone();
     if let Some(major) = sparse_major {
         if major != "1" {
-            return Err(EntryError::Pax { name, key: "GNU.sparse.major".into(), why: format!("version {major} is not supported") });
+            return Err(EntryError::Pax {
+                name,
+                key: "GNU.sparse.major".into(),
+                why: format!("version {major} is not supported"),
+            });
         }
         path_bytes = sparse_name.ok_or_else(|| EntryError::Pax {
             name: name.clone(),
@@ -139,11 +155,12 @@ pub fn parse(m: &Member, data: &mut impl Read) -> Result<Option<Entry>, EntryErr
             key: "GNU.sparse.realsize".into(),
             why: "missing in a PAX 1.0 sparse member".into(),
         })?;
-        let map = sparse::read_map(data, size, real).map_err(|source| EntryError::Sparse { name: name.clone(), source })?;
+        let map =
+            sparse::read_map(data, size, real).map_err(|reason| EntryError::Sparse { name: name.clone(), reason })?;
         sparse_map = Some(map);
         size = real;
     }
-    let path = split_name(&path_bytes).map_err(|source| EntryError::Path { name: name.clone(), source })?;
+    let path = split_name(&path_bytes).map_err(|reason| EntryError::Path { name: name.clone(), reason })?;
 
     use tar::EntryType as T;
     let kind = match ty {
@@ -159,10 +176,10 @@ pub fn parse(m: &Member, data: &mut impl Read) -> Result<Option<Entry>, EntryErr
         T::Directory => EntryKind::Directory,
         T::Link => {
             let target = link.ok_or_else(|| EntryError::NoTarget { name: name.clone(), what: "hard link" })?;
-            let comps = split_name(&target).map_err(|source| EntryError::LinkPath {
+            let comps = split_name(&target).map_err(|reason| EntryError::LinkPath {
                 name: name.clone(),
                 target: show_bytes(&target),
-                source,
+                reason,
             })?;
             EntryKind::HardLink(comps)
         }
@@ -178,7 +195,13 @@ pub fn parse(m: &Member, data: &mut impl Read) -> Result<Option<Entry>, EntryErr
         T::Fifo => EntryKind::Fifo,
         other => return Err(EntryError::UnsupportedType { name, flag: char::from(other.as_byte()) }),
     };
-    Ok(Some(Entry { name: raw_name, path, kind, meta: Metadata { perm, uid, gid, mtime: mtime.0, mtime_nsec: mtime.1 }, xattrs }))
+    Ok(Some(Entry {
+        name: raw_name,
+        path,
+        kind,
+        meta: Metadata { perm, uid, gid, mtime: mtime.0, mtime_nsec: mtime.1 },
+        xattrs,
+    }))
 }
 
 /// The header's mtime field as a signed number: octal, or GNU base-256 (two's complement when the

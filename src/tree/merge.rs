@@ -109,10 +109,9 @@ impl Merger {
                 self.push(Kind::Directory(BTreeMap::new()), e.meta, e.xattrs)
             }
             EntryKind::HardLink(target) => {
-                let target_id = self.lookup(&target).ok_or_else(|| MergeError::LinkTargetMissing {
-                    path: path.clone(),
-                    target: show(&target),
-                })?;
+                let target_id = self
+                    .lookup(&target)
+                    .ok_or_else(|| MergeError::LinkTargetMissing { path: path.clone(), target: show(&target) })?;
                 if matches!(self.tree.inodes[target_id].kind, Kind::Directory(_)) {
                     return Err(MergeError::LinkToDirectory { path, target: show(&target) });
                 }

@@ -64,8 +64,11 @@ pub fn show(components: &[Vec<u8>]) -> String {
     show_bytes(&joined)
 }
 
-/// Bytes for messages, non-UTF-8 bytes escaped.
+/// Bytes for messages, non-UTF-8 bytes escaped; very long names are shortened.
 pub fn show_bytes(b: &[u8]) -> String {
+    if b.len() > 300 {
+        return format!("{}...({} bytes)", b[..200].escape_ascii(), b.len());
+    }
     b.escape_ascii().to_string()
 }
 

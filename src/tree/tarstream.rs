@@ -66,6 +66,11 @@ impl<R: Read> TarReader<R> {
         self.inner
     }
 
+    /// Bytes of the archive consumed so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
     fn skip(&mut self, n: u64) -> Result<(), TarError> {
         let got = io::copy(&mut (&mut self.inner).take(n), &mut io::sink())?;
         self.offset += got;
@@ -292,7 +297,8 @@ fn num(field: &[u8]) -> Option<u64> {
 
 fn check_sum(block: &[u8; 512]) -> Result<(), ()> {
     let stored = num(&block[148..156]).ok_or(())?;
-    let unsigned: u64 = block.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) }).sum();
+    let unsigned: u64 =
+        block.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) }).sum();
     let signed: i64 =
         block.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { i64::from(b as i8) }).sum();
     if stored == unsigned || i64::try_from(stored).ok() == Some(signed) {

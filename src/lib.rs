@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod convert;
+pub mod daemon;
 pub mod fswalk;
 pub mod imagefile;
 pub mod mount;

@@ -5,9 +5,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod convert;
+mod daemon;
 mod fsck;
 mod inspect;
 mod mkfs;
+mod mount;
 mod pull;
 
 #[derive(Debug, Parser)]
@@ -29,6 +31,14 @@ enum Command {
     Convert(convert::Args),
     /// Fetch an index image and its objects and write the whole tree (`--eager`).
     Pull(pull::Args),
+    /// Run the node daemon (mounts images lazily, fills objects on first read).
+    Daemon(daemon::Args),
+    /// Mount an index image lazily through the daemon (overlayfs root at DIR).
+    Mount(mount::MountArgs),
+    /// Unmount an image the daemon mounted.
+    Umount(mount::UmountArgs),
+    /// Per-image fetch statistics from the daemon.
+    Stats(mount::StatsArgs),
 }
 
 /// Parses the command line, runs the subcommand and reports its error, if any, once.
@@ -46,6 +56,10 @@ pub fn main() -> ExitCode {
         Command::Fsck(a) => fsck::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Pull(a) => pull::run(a),
+        Command::Daemon(a) => daemon::run(a),
+        Command::Mount(a) => mount::mount(a),
+        Command::Umount(a) => mount::umount(a),
+        Command::Stats(a) => mount::stats(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,6 +11,7 @@
 //! with events pending, the kernel allows them and unfilled holes read as zeros.
 
 pub mod event;
+pub mod journal;
 mod serve;
 
 use std::io;
@@ -20,13 +21,15 @@ use std::path::{Path, PathBuf};
 use crate::backend::Errno;
 use crate::sys::fanotify::{self as sys, Target};
 pub use crate::sys::fanotify::{Event, FAN_PRE_ACCESS};
-pub use serve::{Frontend, Stats, Stopper};
+pub use serve::{Frontend, Recovery, Stats, Stopper};
 
 /// Errors of the fanotify frontend.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// fanotify is missing or not permitted.
-    #[error("fanotify_init(FAN_CLASS_PRE_CONTENT) failed: {0} (needs CAP_SYS_ADMIN and CONFIG_FANOTIFY_ACCESS_PERMISSIONS)")]
+    #[error(
+        "fanotify_init(FAN_CLASS_PRE_CONTENT) failed: {0} (needs CAP_SYS_ADMIN and CONFIG_FANOTIFY_ACCESS_PERMISSIONS)"
+    )]
     Init(#[source] io::Error),
     /// The kernel (or the cache directory's filesystem) refuses pre-content marks.
     #[error("FAN_PRE_ACCESS marks are not supported on {dir:?} ({source}): needs Linux >= 6.14 with CONFIG_FANOTIFY_ACCESS_PERMISSIONS and an ext4/xfs/btrfs cache directory")]
@@ -42,10 +45,7 @@ pub enum Error {
     Respond(#[source] io::Error),
     /// Other I/O (stat, the probe file, the wake-up fd, worker threads).
     #[error("{what}: {source}")]
-    Io {
-        what: &'static str,
-        source: io::Error,
-    },
+    Io { what: &'static str, source: io::Error },
 }
 
 /// The answer to a permission event.
@@ -59,15 +59,8 @@ pub enum Response {
 
 /// Errnos the kernel accepts in `FAN_DENY_ERRNO` (fs/notify/fanotify/fanotify_user.c, 6.14+); others
 /// are sent as EIO.
-const DENY_ERRNOS: [Errno; 7] = [
-    Errno::EPERM,
-    Errno::EIO,
-    Errno::EBUSY,
-    Errno::ETXTBSY,
-    Errno::EAGAIN,
-    Errno::ENOSPC,
-    Errno::EDQUOT,
-];
+const DENY_ERRNOS: [Errno; 7] =
+    [Errno::EPERM, Errno::EIO, Errno::EBUSY, Errno::ETXTBSY, Errno::EAGAIN, Errno::ENOSPC, Errno::EDQUOT];
 
 impl Response {
     /// The `response` word of `struct fanotify_response`.
@@ -75,11 +68,7 @@ impl Response {
         match self {
             Response::Allow => libc::FAN_ALLOW,
             Response::Deny(e) => {
-                let e = if DENY_ERRNOS.contains(&e) {
-                    e
-                } else {
-                    Errno::EIO
-                };
+                let e = if DENY_ERRNOS.contains(&e) { e } else { Errno::EIO };
                 libc::FAN_DENY | ((e as u32 & 0xff) << sys::FAN_ERRNO_SHIFT)
             }
         }
@@ -117,70 +106,34 @@ impl Group {
             .write(true)
             .custom_flags(libc::O_TMPFILE)
             .open(dir)
-            .map_err(|source| Error::Io {
-                what: "creating an O_TMPFILE probe file",
-                source,
-            })?;
+            .map_err(|source| Error::Io { what: "creating an O_TMPFILE probe file", source })?;
         let target = Target::Fd(file.as_fd());
         let mark = |flags| sys::mark(self.fd.as_fd(), flags, FAN_PRE_ACCESS, target);
         match mark(libc::FAN_MARK_ADD) {
-            Ok(()) => mark(libc::FAN_MARK_REMOVE).map_err(|source| Error::Mark {
-                path: dir.into(),
-                source,
-            }),
+            Ok(()) => mark(libc::FAN_MARK_REMOVE).map_err(|source| Error::Mark { path: dir.into(), source }),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
-                Err(Error::NoPreContent {
-                    dir: dir.into(),
-                    source: e,
-                })
+                Err(Error::NoPreContent { dir: dir.into(), source: e })
             }
-            Err(source) => Err(Error::Mark {
-                path: dir.into(),
-                source,
-            }),
+            Err(source) => Err(Error::Mark { path: dir.into(), source }),
         }
     }
 
     /// Marks a file for pre-content events.
     pub fn mark(&self, path: &Path) -> Result<(), Error> {
-        sys::mark(
-            self.fd.as_fd(),
-            libc::FAN_MARK_ADD,
-            FAN_PRE_ACCESS,
-            Target::Path(path),
-        )
-        .map_err(|source| Error::Mark {
-            path: path.into(),
-            source,
-        })
+        sys::mark(self.fd.as_fd(), libc::FAN_MARK_ADD, FAN_PRE_ACCESS, Target::Path(path))
+            .map_err(|source| Error::Mark { path: path.into(), source })
     }
 
     /// Removes the mark of a file.
     pub fn unmark(&self, path: &Path) -> Result<(), Error> {
-        sys::mark(
-            self.fd.as_fd(),
-            libc::FAN_MARK_REMOVE,
-            FAN_PRE_ACCESS,
-            Target::Path(path),
-        )
-        .map_err(|source| Error::Mark {
-            path: path.into(),
-            source,
-        })
+        sys::mark(self.fd.as_fd(), libc::FAN_MARK_REMOVE, FAN_PRE_ACCESS, Target::Path(path))
+            .map_err(|source| Error::Mark { path: path.into(), source })
     }
 
     /// Removes the mark of the file behind `fd` (e.g. an event fd).
     pub fn unmark_fd(&self, fd: BorrowedFd<'_>) -> Result<(), Error> {
-        sys::mark(
-            self.fd.as_fd(),
-            libc::FAN_MARK_REMOVE,
-            FAN_PRE_ACCESS,
-            Target::Fd(fd),
-        )
-        .map_err(|source| Error::Mark {
-            path: "<event fd>".into(),
-            source,
-        })
+        sys::mark(self.fd.as_fd(), libc::FAN_MARK_REMOVE, FAN_PRE_ACCESS, Target::Fd(fd))
+            .map_err(|source| Error::Mark { path: "<event fd>".into(), source })
     }
 
     /// Reads the queued events (empty if none). Events before a malformed record are returned, the
@@ -196,8 +149,15 @@ impl Group {
 
     /// Answers the permission event whose fd is `event_fd`.
     pub fn respond(&self, event_fd: BorrowedFd<'_>, response: Response) -> Result<(), Error> {
+        self.respond_number(std::os::fd::AsRawFd::as_raw_fd(&event_fd), response)
+    }
+
+    /// Answers the permission event that was read with fd number `fd`, possibly by another process
+    /// holding the same group (the kernel matches responses by number; see [`journal`]). A number
+    /// with no pending event fails with ENOENT.
+    pub fn respond_number(&self, fd: i32, response: Response) -> Result<(), Error> {
         let mut bytes = [0u8; 8];
-        bytes[..4].copy_from_slice(&std::os::fd::AsRawFd::as_raw_fd(&event_fd).to_ne_bytes());
+        bytes[..4].copy_from_slice(&fd.to_ne_bytes());
         bytes[4..].copy_from_slice(&response.encode().to_ne_bytes());
         loop {
             match nix::unistd::write(&self.fd, &bytes) {

@@ -4,16 +4,21 @@
 //! for it) or done. The first event starts one whole-object fill; events arriving meanwhile wait for the
 //! same fill (single flight); after a successful fill the mark is removed before anyone is allowed in.
 //! A failed fill denies every waiter and returns the object to idle, so the next read retries.
+//!
+//! With a [`Journal`] set, every event's fd number is recorded before the event is acted on and cleared
+//! after it is answered, so that [`Frontend::recover`] in a restarted worker can answer the events a
+//! killed worker had read (see [`super::journal`]).
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
+use super::journal::{Journal, Leftovers};
 use super::{Error, Event, Group, Response, FAN_PRE_ACCESS};
 use crate::backend::{clip, Backend, Coverage, Errno, FillSink, ObjectKey};
 use crate::pool::Pool;
@@ -31,6 +36,8 @@ struct Entry {
     name: String,
     path: PathBuf,
     state: State,
+    /// Events of a dead worker waiting for this object, by fd number (answered with the waiters).
+    orphans: Vec<i32>,
 }
 
 /// Counters, for tests and metrics.
@@ -44,6 +51,17 @@ pub struct Stats {
     pub failures: u64,
 }
 
+/// What [`Frontend::recover`] did with a dead worker's unanswered events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Recorded events for objects still to fill: they are answered once the object is filled.
+    pub resumed: u64,
+    /// Recorded events for complete or foreign objects: allowed at once.
+    pub allowed: u64,
+    /// Events read but never recorded (the worker died between read and journal): denied with EIO.
+    pub denied_unrecorded: u64,
+}
+
 struct Inner<B: Backend> {
     group: Group,
     backend: Arc<B>,
@@ -54,6 +72,7 @@ struct Inner<B: Backend> {
     events: AtomicU64,
     fills: AtomicU64,
     failures: AtomicU64,
+    journal: OnceLock<Journal>,
 }
 
 /// Stops [`Frontend::run`] from another thread.
@@ -81,23 +100,16 @@ pub struct Frontend<B: Backend> {
 
 impl<B: Backend> std::fmt::Debug for Frontend<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Frontend")
-            .field("domain", &self.inner.domain)
-            .finish_non_exhaustive()
+        f.debug_struct("Frontend").field("domain", &self.inner.domain).finish_non_exhaustive()
     }
 }
 
 impl<B: Backend> Frontend<B> {
     /// `domain` is passed to the backend as [`ObjectKey::domain`]; `workers` fills run in parallel.
     pub fn new(group: Group, backend: Arc<B>, domain: &str, workers: usize) -> Result<Self, Error> {
-        let wake = sys::eventfd().map_err(|source| Error::Io {
-            what: "creating an eventfd",
-            source,
-        })?;
-        let pool = Pool::new(workers, "wisp-fanotify").map_err(|source| Error::Io {
-            what: "starting workers",
-            source,
-        })?;
+        let wake = sys::eventfd().map_err(|source| Error::Io { what: "creating an eventfd", source })?;
+        let pool =
+            Pool::new(workers, "wisp-fanotify").map_err(|source| Error::Io { what: "starting workers", source })?;
         let inner = Inner {
             group,
             backend,
@@ -108,11 +120,9 @@ impl<B: Backend> Frontend<B> {
             events: AtomicU64::new(0),
             fills: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            journal: OnceLock::new(),
         };
-        Ok(Frontend {
-            inner: Arc::new(inner),
-            pool,
-        })
+        Ok(Frontend { inner: Arc::new(inner), pool })
     }
 
     /// The group (e.g. to probe, or to hand its fd to a supervisor).
@@ -122,15 +132,8 @@ impl<B: Backend> Frontend<B> {
 
     /// Registers the object file `path` (created with its final size) under `name` and marks it.
     pub fn add(&self, path: &Path, name: &str) -> Result<(), Error> {
-        let meta = std::fs::metadata(path).map_err(|source| Error::Io {
-            what: "stat of an object file",
-            source,
-        })?;
-        let entry = Entry {
-            name: name.to_owned(),
-            path: path.to_owned(),
-            state: State::Idle,
-        };
+        let meta = std::fs::metadata(path).map_err(|source| Error::Io { what: "stat of an object file", source })?;
+        let entry = Entry { name: name.to_owned(), path: path.to_owned(), state: State::Idle, orphans: Vec::new() };
         self.inner.lock().insert((meta.dev(), meta.ino()), entry);
         if let Err(e) = self.inner.group.mark(path) {
             self.inner.lock().remove(&(meta.dev(), meta.ino()));
@@ -141,18 +144,73 @@ impl<B: Backend> Frontend<B> {
 
     /// Forgets an object file (unmarking it if it was never filled).
     pub fn remove(&self, path: &Path) -> Result<(), Error> {
-        let meta = std::fs::metadata(path).map_err(|source| Error::Io {
-            what: "stat of an object file",
-            source,
-        })?;
-        let entry = self.inner.lock().remove(&(meta.dev(), meta.ino()));
+        let meta = std::fs::metadata(path).map_err(|source| Error::Io { what: "stat of an object file", source })?;
+        let mut entry = self.inner.lock().remove(&(meta.dev(), meta.ino()));
+        if let Some(e) = entry.as_mut() {
+            let orphans = std::mem::take(&mut e.orphans);
+            self.inner.respond_orphans(orphans, Response::Deny(Errno::EIO));
+        }
         match entry {
-            Some(Entry {
-                state: State::Done, ..
-            })
-            | None => Ok(()),
+            Some(Entry { state: State::Done, .. }) | None => Ok(()),
             Some(_) => self.inner.group.unmark(path),
         }
+    }
+
+    /// Records in-flight events in `journal` from now on (set it before [`Frontend::run`]).
+    pub fn set_journal(&self, journal: Journal) {
+        if self.inner.journal.set(journal).is_err() {
+            tracing::warn!("a journal was already set; keeping the first");
+        }
+    }
+
+    /// Answers the events a killed worker left unanswered, before this frontend reads any event:
+    /// numbers read but never recorded are denied with EIO; recorded events for registered objects
+    /// that are not filled yet wait for a fill (started here by a one-byte read of the object file in
+    /// a helper thread, which raises a fresh event); the others are allowed. Call after every object
+    /// has been [`add`](Frontend::add)ed again and before [`run`](Frontend::run) (which must then run
+    /// for the resumed readers to be answered).
+    pub fn recover(&self, left: &Leftovers) -> Recovery {
+        let inner = &self.inner;
+        let mut r = Recovery::default();
+        let recorded: std::collections::HashSet<i32> = left.orphans.iter().map(|o| o.fd).collect();
+        for n in 0..=left.high_water {
+            if !recorded.contains(&n) && inner.group.respond_number(n, Response::Deny(Errno::EIO)).is_ok() {
+                r.denied_unrecorded += 1;
+            }
+        }
+        let mut kicks = Vec::new();
+        {
+            let mut objects = inner.lock();
+            for o in &left.orphans {
+                match objects.get_mut(&(o.dev, o.ino)) {
+                    Some(e) if !matches!(e.state, State::Done) => {
+                        if e.orphans.is_empty() {
+                            kicks.push(e.path.clone());
+                        }
+                        e.orphans.push(o.fd);
+                        r.resumed += 1;
+                    }
+                    _ => {
+                        if inner.group.respond_number(o.fd, Response::Allow).is_ok() {
+                            r.allowed += 1;
+                        }
+                    }
+                }
+            }
+        }
+        for path in kicks {
+            let spawned = std::thread::Builder::new().name("wisp-fanotify-kick".into()).spawn(move || {
+                // The read blocks until the fill it triggers is done; its result does not matter.
+                if let Ok(f) = std::fs::File::open(&path) {
+                    let mut b = [0u8; 1];
+                    let _ = std::os::unix::fs::FileExt::read_at(&f, &mut b, 0);
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "starting a recovery read");
+            }
+        }
+        r
     }
 
     /// Counters so far.
@@ -184,12 +242,7 @@ impl<B: Backend> Frontend<B> {
             ];
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) | Err(Errno::EINTR) => {}
-                Err(e) => {
-                    return Err(Error::Io {
-                        what: "poll of the fanotify group",
-                        source: e.into(),
-                    })
-                }
+                Err(e) => return Err(Error::Io { what: "poll of the fanotify group", source: e.into() }),
             }
             for event in inner.group.read_events()? {
                 self.on_event(event);
@@ -200,10 +253,7 @@ impl<B: Backend> Frontend<B> {
 
     fn on_event(&self, event: Event) {
         let Some(fd) = event.fd else {
-            tracing::warn!(
-                mask = event.mask,
-                "fanotify event without fd (queue overflow?)"
-            );
+            tracing::warn!(mask = event.mask, "fanotify event without fd (queue overflow?)");
             return;
         };
         let inner = &self.inner;
@@ -221,6 +271,11 @@ impl<B: Backend> Frontend<B> {
             }
         };
         let key = (meta.st_dev, meta.st_ino);
+        if let Some(j) = inner.journal.get() {
+            if let Err(e) = j.begin(fd.as_raw_fd(), key.0, key.1) {
+                tracing::error!(error = %e, "recording an event in the journal");
+            }
+        }
         let mut objects = inner.lock();
         let Some(entry) = objects.get_mut(&key) else {
             drop(objects);
@@ -246,11 +301,7 @@ impl<B: Backend> Frontend<B> {
                 entry.state = State::Filling(vec![fd]);
                 let name = entry.name.clone();
                 drop(objects);
-                let mut guard = FillGuard {
-                    inner: Arc::clone(inner),
-                    key,
-                    done: false,
-                };
+                let mut guard = FillGuard { inner: Arc::clone(inner), key, done: false };
                 self.pool.spawn(move || {
                     let result = fill_whole(&*guard.inner, &name, &writer);
                     guard.finish(result, &writer);
@@ -262,45 +313,42 @@ impl<B: Backend> Frontend<B> {
 
 impl<B: Backend> Inner<B> {
     fn lock(&self) -> MutexGuard<'_, HashMap<Key, Entry>> {
-        self.objects
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.objects.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn respond(&self, fd: &OwnedFd, response: Response) {
         if let Err(e) = self.group.respond(fd.as_fd(), response) {
             tracing::error!(error = %e, ?response, "fanotify response failed");
         }
+        if let Some(j) = self.journal.get() {
+            if let Err(e) = j.end(fd.as_raw_fd()) {
+                tracing::error!(error = %e, "clearing an event in the journal");
+            }
+        }
+    }
+
+    /// Answers events left by a dead worker (by number; ENOENT means already answered).
+    fn respond_orphans(&self, orphans: Vec<i32>, response: Response) {
+        for n in orphans {
+            if let Err(e) = self.group.respond_number(n, response) {
+                tracing::debug!(error = %e, fd = n, "answering a recovered event");
+            }
+        }
     }
 }
 
 /// Fills the object behind `writer` from the backend, whole.
 fn fill_whole<B: Backend>(inner: &Inner<B>, name: &str, writer: &OwnedFd) -> Result<(), Errno> {
-    let file_size = u64::try_from(nix::sys::stat::fstat(writer.as_raw_fd())?.st_size)
-        .map_err(|_| Errno::EIO)?;
-    let opened = inner.backend.open(&ObjectKey {
-        domain: &inner.domain,
-        name,
-    })?;
+    let file_size = u64::try_from(nix::sys::stat::fstat(writer.as_raw_fd())?.st_size).map_err(|_| Errno::EIO)?;
+    let opened = inner.backend.open(&ObjectKey { domain: &inner.domain, name })?;
     let result = (|| {
         if opened.size > file_size {
-            tracing::error!(
-                name,
-                size = opened.size,
-                file_size,
-                "object file is smaller than the object"
-            );
+            tracing::error!(name, size = opened.size, file_size, "object file is smaller than the object");
             return Err(Errno::EIO);
         }
         let want = 0..opened.size;
-        let mut sink = FileSink {
-            fd: writer,
-            limit: want.clone(),
-            coverage: Coverage::default(),
-        };
-        inner
-            .backend
-            .fill(&opened.object, want.clone(), &mut sink)?;
+        let mut sink = FileSink { fd: writer, limit: want.clone(), coverage: Coverage::default() };
+        inner.backend.fill(&opened.object, want.clone(), &mut sink)?;
         if !sink.coverage.covers(&want) {
             tracing::error!(name, "backend left part of the object unwritten");
             return Err(Errno::EIO);
@@ -362,24 +410,21 @@ impl<B: Backend> FillGuard<B> {
             }
             Err(errno) => tracing::warn!(%errno, "object fill failed; denying its readers"),
         }
-        let waiters = {
+        let (waiters, orphans) = {
             let mut objects = inner.lock();
             match objects.get_mut(&self.key) {
                 Some(entry) => {
-                    let next = if result.is_ok() {
-                        State::Done
-                    } else {
-                        State::Idle
-                    };
+                    let next = if result.is_ok() { State::Done } else { State::Idle };
                     if result.is_ok() {
                         tracing::debug!(path = ?entry.path, "object filled");
                     }
+                    let orphans = std::mem::take(&mut entry.orphans);
                     match std::mem::replace(&mut entry.state, next) {
-                        State::Filling(w) => w,
-                        _ => Vec::new(),
+                        State::Filling(w) => (w, orphans),
+                        _ => (Vec::new(), orphans),
                     }
                 }
-                None => Vec::new(),
+                None => (Vec::new(), Vec::new()),
             }
         };
         let response = match result {
@@ -395,6 +440,7 @@ impl<B: Backend> FillGuard<B> {
         for fd in waiters {
             inner.respond(&fd, response);
         }
+        inner.respond_orphans(orphans, response);
     }
 }
 
@@ -402,16 +448,20 @@ impl<B: Backend> Drop for FillGuard<B> {
     fn drop(&mut self) {
         if !self.done {
             // The fill panicked: deny the waiters rather than leave their reads hanging.
-            let waiters = match self.inner.lock().get_mut(&self.key) {
-                Some(entry) => match std::mem::replace(&mut entry.state, State::Idle) {
-                    State::Filling(w) => w,
-                    _ => Vec::new(),
-                },
-                None => Vec::new(),
+            let (waiters, orphans) = match self.inner.lock().get_mut(&self.key) {
+                Some(entry) => {
+                    let orphans = std::mem::take(&mut entry.orphans);
+                    match std::mem::replace(&mut entry.state, State::Idle) {
+                        State::Filling(w) => (w, orphans),
+                        _ => (Vec::new(), orphans),
+                    }
+                }
+                None => (Vec::new(), Vec::new()),
             };
             for fd in waiters {
                 self.inner.respond(&fd, Response::Deny(Errno::EIO));
             }
+            self.inner.respond_orphans(orphans, Response::Deny(Errno::EIO));
         }
     }
 }

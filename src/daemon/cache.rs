@@ -1,0 +1,123 @@
+//! The node object cache: one sparse file per object, `CACHE/objects/<2 hex>/<64 hex>`, named by the
+//! sha256 of its content and shared by every image on the node.
+//!
+//! A file is created with its final size padded to 4 KiB (the kernel reads EROFS devices in whole
+//! blocks, KERNEL.md G.9) when an image that needs it is mounted, and filled on first access. The
+//! completeness record is an xattr, `user.wisp.complete` = the content digest in hex, set only after
+//! the whole verified content has been written and fsynced. A file without it (never filled, or
+//! partially filled when a daemon died) is treated as empty: marked again and refilled whole. The
+//! kernel never reads a byte of an incomplete file without the daemon's permission (the pre-content
+//! mark), so partial files are harmless.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use erofs::tree::Digest;
+
+use crate::objects::padded_len;
+
+/// The xattr that marks a complete, verified object file.
+pub const COMPLETE_XATTR: &str = "user.wisp.complete";
+
+/// The cache directory.
+#[derive(Debug, Clone)]
+pub struct NodeCache {
+    root: PathBuf,
+}
+
+impl NodeCache {
+    /// Opens (creating) the cache at `root`.
+    pub fn open(root: &Path) -> Result<Self> {
+        for d in ["objects", "tmp"] {
+            fs::create_dir_all(root.join(d)).with_context(|| format!("creating {}", root.join(d).display()))?;
+        }
+        Ok(NodeCache { root: root.to_owned() })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where spooled downloads of large objects go.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// The object file of `digest`.
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        let hex = hex::encode(digest);
+        self.root.join("objects").join(&hex[..2]).join(hex)
+    }
+
+    /// Makes sure the object file exists with the padded size of `size` content bytes. Returns whether
+    /// it is complete. An existing file of the wrong size is not trusted: it is recreated empty.
+    pub fn prepare(&self, digest: &Digest, size: u64) -> Result<bool> {
+        let path = self.path(digest);
+        let want = padded_len(size);
+        match fs::metadata(&path) {
+            Ok(m) if m.len() == want => return Ok(self.is_complete(digest)),
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "object file of the wrong size; recreating it");
+                fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("stat {}", path.display())),
+        }
+        let dir = path.parent().expect("object path has a parent");
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Create under a temporary name and rename, so a file at the final name always has its size.
+        let tmp = dir.join(format!(".{}.new-{}", hex::encode(digest), std::process::id()));
+        let f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.set_len(want).with_context(|| format!("sizing {}", tmp.display()))?;
+        drop(f);
+        fs::rename(&tmp, &path).with_context(|| format!("renaming {} into place", tmp.display()))?;
+        Ok(false)
+    }
+
+    /// Whether the object file carries the completeness record for its digest.
+    pub fn is_complete(&self, digest: &Digest) -> bool {
+        let Ok(f) = File::open(self.path(digest)) else { return false };
+        let mut buf = [0u8; 64];
+        match rustix::fs::fgetxattr(&f, COMPLETE_XATTR, &mut buf) {
+            Ok(64) => buf == hex::encode(digest).as_bytes(),
+            _ => false,
+        }
+    }
+
+    /// Records that the object file holds its whole verified content: fsync, then the xattr (itself
+    /// made durable by a second fsync). Opening read-only and fsync raise no pre-content events.
+    pub fn mark_complete(&self, digest: &Digest) -> io::Result<()> {
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOATIME)
+            .open(self.path(digest))
+            .or_else(|_| File::open(self.path(digest)))?;
+        f.sync_all()?;
+        rustix::fs::fsetxattr(&f, COMPLETE_XATTR, hex::encode(digest).as_bytes(), rustix::fs::XattrFlags::empty())?;
+        f.sync_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepare_then_complete() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let c = NodeCache::open(dir.path()).unwrap();
+        let d = [7u8; 32];
+        assert!(!c.prepare(&d, 5000).unwrap());
+        assert_eq!(fs::metadata(c.path(&d)).unwrap().len(), 8192);
+        assert!(!c.is_complete(&d));
+        c.mark_complete(&d).unwrap();
+        assert!(c.is_complete(&d));
+        assert!(c.prepare(&d, 5000).unwrap());
+        // a wrong size is not trusted
+        assert!(!c.prepare(&d, 9000).unwrap());
+        assert!(!c.is_complete(&d));
+    }
+}

@@ -1,0 +1,312 @@
+//! The fetcher: an object's verified content from its store, with one flight per object, a bound on
+//! concurrent downloads, retries with backoff, and a deadline per request.
+//!
+//! Content is verified completely (blob digest of the stored bytes, sha256 and size of the content:
+//! [`crate::store::fetch_verified`]) before the caller sees any of it; small objects are held in
+//! memory, large ones spooled to an unlinked file in the cache's tmp directory.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Seek, Write};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use erofs::tree::Digest;
+use nix::errno::Errno;
+
+use crate::oci::objmap::ObjectEntry;
+use crate::store::{fetch_verified, ObjectStore};
+
+/// Objects above this size are spooled to a file instead of memory.
+const SPOOL_ABOVE: u64 = 64 << 20;
+
+/// Fetcher settings.
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    /// Downloads running at once.
+    pub concurrency: usize,
+    /// Attempts per request (1 = no retry).
+    pub attempts: u32,
+    /// First backoff; doubles per retry.
+    pub backoff: Duration,
+    /// Time from the request to giving up (the reader then gets EIO).
+    pub deadline: Duration,
+    /// Where large objects are spooled.
+    pub spool_dir: PathBuf,
+    /// Test hook: sleep this long before every download (WISP_TEST_FETCH_DELAY_MS).
+    pub delay: Duration,
+}
+
+/// Verified content of one object.
+#[derive(Debug)]
+pub enum Content {
+    Memory(Vec<u8>),
+    Spooled { file: File, len: u64 },
+}
+
+impl Content {
+    /// Calls `f` with consecutive pieces (offset, bytes) of at most 1 MiB.
+    pub fn for_each_piece(&self, f: &mut dyn FnMut(u64, &[u8]) -> Result<(), Errno>) -> Result<(), Errno> {
+        const PIECE: usize = 1 << 20;
+        match self {
+            Content::Memory(v) => {
+                for (i, c) in v.chunks(PIECE).enumerate() {
+                    f((i * PIECE) as u64, c)?;
+                }
+                Ok(())
+            }
+            Content::Spooled { file, len } => {
+                let mut buf = vec![0u8; PIECE];
+                let mut off = 0u64;
+                while off < *len {
+                    let n = usize::try_from((*len - off).min(PIECE as u64)).map_err(|_| Errno::EIO)?;
+                    file.read_exact_at(&mut buf[..n], off).map_err(|_| Errno::EIO)?;
+                    f(off, &buf[..n])?;
+                    off += n as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Result of a flight, shared by everyone waiting for it.
+type Outcome = Result<Arc<Content>, Errno>;
+
+struct Flight {
+    done: Mutex<Option<Outcome>>,
+    cv: Condvar,
+}
+
+/// Single-flight, bounded, retrying object downloads.
+pub struct Fetcher {
+    opts: FetchOptions,
+    flights: Mutex<HashMap<Digest, Arc<Flight>>>,
+    slots: Mutex<usize>,
+    slot_cv: Condvar,
+}
+
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetcher").field("opts", &self.opts).finish_non_exhaustive()
+    }
+}
+
+/// How a `get` went, for statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    /// This call downloaded the object.
+    Fetched,
+    /// This call waited for another caller's download.
+    Shared,
+}
+
+impl Fetcher {
+    pub fn new(opts: FetchOptions) -> Self {
+        Fetcher { opts, flights: Mutex::new(HashMap::new()), slots: Mutex::new(0), slot_cv: Condvar::new() }
+    }
+
+    /// The verified content of `entry`, from the first of `stores` that has it.
+    pub fn get(&self, entry: &ObjectEntry, stores: &[Arc<dyn ObjectStore>]) -> (Outcome, Joined) {
+        let (flight, leader) = {
+            let mut map = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(&entry.digest) {
+                Some(f) => (Arc::clone(f), false),
+                None => {
+                    let f = Arc::new(Flight { done: Mutex::new(None), cv: Condvar::new() });
+                    map.insert(entry.digest, Arc::clone(&f));
+                    (f, true)
+                }
+            }
+        };
+        if !leader {
+            let mut done = flight.done.lock().unwrap_or_else(|p| p.into_inner());
+            while done.is_none() {
+                done = flight.cv.wait(done).unwrap_or_else(|p| p.into_inner());
+            }
+            return (done.clone().expect("set"), Joined::Shared);
+        }
+        let outcome = self.download(entry, stores);
+        *flight.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.clone());
+        flight.cv.notify_all();
+        self.flights.lock().unwrap_or_else(|p| p.into_inner()).remove(&entry.digest);
+        (outcome, Joined::Fetched)
+    }
+
+    fn download(&self, entry: &ObjectEntry, stores: &[Arc<dyn ObjectStore>]) -> Outcome {
+        let start = Instant::now();
+        let deadline = start + self.opts.deadline;
+        let _slot = self.acquire(deadline)?;
+        let hex = hex::encode(entry.digest);
+        let mut backoff = self.opts.backoff;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let store = Arc::clone(&stores[(attempt as usize - 1) % stores.len().max(1)]);
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match self.attempt(entry, store, remaining) {
+                Ok(c) => return Ok(Arc::new(c)),
+                Err(e) => {
+                    let timed_out = Instant::now() + backoff >= deadline;
+                    if attempt >= self.opts.attempts || timed_out {
+                        tracing::error!(object = %hex, attempt, error = %format!("{e:#}"), "giving up on object");
+                        return Err(if timed_out { Errno::ETIMEDOUT } else { Errno::EIO });
+                    }
+                    tracing::warn!(object = %hex, attempt, error = %format!("{e:#}"), "object fetch failed; retrying");
+                    std::thread::sleep(backoff);
+                    backoff *= 2;
+                }
+            }
+        }
+    }
+
+    /// One download on its own thread, so that the deadline holds even when the store hangs.
+    fn attempt(&self, entry: &ObjectEntry, store: Arc<dyn ObjectStore>, within: Duration) -> anyhow::Result<Content> {
+        let (tx, rx) = mpsc::channel();
+        let entry = *entry;
+        let spool_dir = self.opts.spool_dir.clone();
+        let delay = self.opts.delay;
+        std::thread::Builder::new().name("wisp-fetch".into()).spawn(move || {
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
+            }
+            let _ = tx.send(fetch_one(&*store, &entry, &spool_dir));
+        })?;
+        match rx.recv_timeout(within) {
+            Ok(r) => r,
+            Err(_) => anyhow::bail!("no answer within the deadline"),
+        }
+    }
+
+    fn acquire(&self, deadline: Instant) -> Result<SlotGuard<'_>, Errno> {
+        let mut n = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        while *n >= self.opts.concurrency.max(1) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Errno::ETIMEDOUT);
+            }
+            n = self.slot_cv.wait_timeout(n, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        *n += 1;
+        Ok(SlotGuard(self))
+    }
+}
+
+struct SlotGuard<'a>(&'a Fetcher);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.slots.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.0.slot_cv.notify_one();
+    }
+}
+
+fn fetch_one(store: &dyn ObjectStore, entry: &ObjectEntry, spool_dir: &std::path::Path) -> anyhow::Result<Content> {
+    if entry.size <= SPOOL_ABOVE {
+        let mut v = Vec::with_capacity(usize::try_from(entry.size)?);
+        fetch_verified(store, entry, &mut v)?;
+        Ok(Content::Memory(v))
+    } else {
+        let mut file = tempfile::tempfile_in(spool_dir)?;
+        fetch_verified(store, entry, &mut file)?;
+        file.flush()?;
+        let len = file.stream_position()?;
+        Ok(Content::Spooled { file, len })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A store that fails the first `fail` opens, counting opens.
+    struct Flaky {
+        data: Vec<u8>,
+        fail: u32,
+        opens: AtomicU32,
+    }
+
+    impl ObjectStore for Flaky {
+        fn describe(&self) -> String {
+            "flaky".into()
+        }
+        fn lookup(&self, _: &Digest, _: u64) -> anyhow::Result<Option<ObjectEntry>> {
+            Ok(None)
+        }
+        fn put(&self, _: &ObjectEntry, _: &Path) -> anyhow::Result<bool> {
+            Ok(false)
+        }
+        fn open(&self, _: &ObjectEntry) -> anyhow::Result<Box<dyn std::io::Read + Send>> {
+            std::thread::sleep(Duration::from_millis(30));
+            if self.opens.fetch_add(1, Ordering::SeqCst) < self.fail {
+                anyhow::bail!("transient");
+            }
+            Ok(Box::new(std::io::Cursor::new(self.data.clone())))
+        }
+        fn staging_parent(&self) -> Option<PathBuf> {
+            None
+        }
+    }
+
+    fn entry_of(data: &[u8]) -> ObjectEntry {
+        use sha2::Digest as _;
+        let d: Digest = sha2::Sha256::digest(data).into();
+        ObjectEntry {
+            digest: d,
+            blob: d,
+            size: data.len() as u64,
+            stored_size: data.len() as u64,
+            compression: crate::oci::objmap::Compression::None,
+        }
+    }
+
+    fn opts(attempts: u32) -> FetchOptions {
+        FetchOptions {
+            concurrency: 2,
+            attempts,
+            backoff: Duration::from_millis(10),
+            deadline: Duration::from_secs(5),
+            spool_dir: std::env::temp_dir(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn single_flight_and_retries() {
+        let data = b"object bytes".repeat(100);
+        let store: Arc<dyn ObjectStore> = Arc::new(Flaky { data: data.clone(), fail: 1, opens: AtomicU32::new(0) });
+        let f = Arc::new(Fetcher::new(opts(3)));
+        let e = entry_of(&data);
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let (f, s) = (Arc::clone(&f), Arc::clone(&store));
+                std::thread::spawn(move || f.get(&e, &[s]))
+            })
+            .collect();
+        let mut fetched = 0;
+        for h in handles {
+            let (r, j) = h.join().unwrap();
+            match &*r.unwrap() {
+                Content::Memory(v) => assert_eq!(v, &data),
+                Content::Spooled { .. } => panic!("small object spooled"),
+            }
+            fetched += usize::from(j == Joined::Fetched);
+        }
+        assert!(fetched >= 1);
+    }
+
+    #[test]
+    fn tampered_content_is_an_error() {
+        let data = b"good".to_vec();
+        let mut e = entry_of(&data);
+        e.digest[0] ^= 1;
+        e.blob = e.digest;
+        let store: Arc<dyn ObjectStore> = Arc::new(Flaky { data, fail: 0, opens: AtomicU32::new(0) });
+        let f = Fetcher::new(opts(2));
+        assert_eq!(f.get(&e, &[store]).0.unwrap_err(), Errno::EIO);
+    }
+}

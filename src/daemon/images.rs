@@ -1,0 +1,121 @@
+//! Index images on the node: pulled whole (the EROFS index is metadata the kernel reads without
+//! pre-content events, KERNEL.md G.5), verified by digest, and kept under `STATE/images/<hex digest>/`:
+//!
+//! ```text
+//! index.erofs    the EROFS index, mounted file-backed
+//! objects.map    the object map (src/oci/objmap.rs format)
+//! image.json     how to reach the image's objects again after a daemon restart
+//! ```
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use erofs::tree::Digest;
+use serde::{Deserialize, Serialize};
+
+use crate::oci::objmap::{self, ObjectEntry};
+use crate::oci::{self, index_image, ImageRef, TransportOptions};
+use crate::store::{self, ObjectStore, StoreSpec};
+
+/// Where an image and its objects come from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageSpec {
+    pub reference: String,
+    pub plain_http: bool,
+    pub store: Option<String>,
+}
+
+/// An index image ready to mount.
+pub struct Image {
+    /// Hex of the index image manifest digest.
+    pub id: String,
+    pub dir: PathBuf,
+    pub spec: ImageSpec,
+    /// The image's objects in device-table order (device id = index + 1).
+    pub devices: Vec<ObjectEntry>,
+    pub store: Arc<dyn ObjectStore>,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image").field("id", &self.id).field("devices", &self.devices.len()).finish_non_exhaustive()
+    }
+}
+
+impl Image {
+    pub fn erofs_path(&self) -> PathBuf {
+        self.dir.join("index.erofs")
+    }
+
+    pub fn content_bytes(&self) -> u64 {
+        self.devices.iter().map(|e| e.size).sum()
+    }
+
+    pub fn stored_bytes(&self) -> u64 {
+        self.devices.iter().map(|e| e.stored_size).sum()
+    }
+}
+
+fn images_dir(state: &Path) -> PathBuf {
+    state.join("images")
+}
+
+fn open_store(spec: &ImageSpec) -> Result<(ImageRef, Arc<dyn oci::Repo>, Arc<dyn ObjectStore>)> {
+    let r: ImageRef = spec.reference.parse()?;
+    let topts = TransportOptions { plain_http: spec.plain_http };
+    let repo: Arc<dyn oci::Repo> = Arc::from(oci::open(&r, &topts, false).with_context(|| format!("opening {r}"))?);
+    let store_spec: Option<StoreSpec> = spec.store.as_deref().map(str::parse).transpose()?;
+    let store = store::open(store_spec.as_ref(), &r, Arc::clone(&repo), false)?;
+    Ok((r, repo, store))
+}
+
+/// Pulls the index image `spec` names into the state directory.
+pub fn pull(state: &Path, spec: &ImageSpec) -> Result<Image> {
+    let (r, repo, store) = open_store(spec)?;
+    let pulled = index_image::read(&*repo).with_context(|| format!("reading the index image {r}"))?;
+    let id = pulled.manifest_digest.trim_start_matches("sha256:").to_owned();
+    let dir = images_dir(state).join(&id);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_atomic(&dir.join("objects.map"), &objmap::encode(&pulled.objects))?;
+    write_atomic(&dir.join("image.json"), &serde_json::to_vec_pretty(spec)?)?;
+    write_atomic(&dir.join("index.erofs"), &pulled.erofs)?;
+    let devices = device_order(&pulled.erofs, &pulled.objects)?;
+    Ok(Image { id, dir, spec: spec.clone(), devices, store })
+}
+
+/// Loads an image pulled earlier (after a daemon restart).
+pub fn load(state: &Path, id: &str) -> Result<Image> {
+    let dir = images_dir(state).join(id);
+    let spec: ImageSpec = serde_json::from_slice(&fs::read(dir.join("image.json"))?).context("image.json")?;
+    let map = objmap::decode(&fs::read(dir.join("objects.map"))?)?;
+    let erofs_bytes = fs::read(dir.join("index.erofs"))?;
+    let devices = device_order(&erofs_bytes, &map)?;
+    let (_, _, store) = open_store(&spec)?;
+    Ok(Image { id: id.to_owned(), dir, spec, devices, store })
+}
+
+/// The object of every device-table slot, in slot order.
+fn device_order(erofs_bytes: &[u8], objects: &[ObjectEntry]) -> Result<Vec<ObjectEntry>> {
+    let img = erofs::reader::Image::open(erofs_bytes).context("opening the EROFS index")?;
+    let map: HashMap<Digest, ObjectEntry> = objects.iter().map(|e| (e.digest, *e)).collect();
+    img.devices()
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let digest = d.digest.with_context(|| format!("device {} has no sha256 tag", i + 1))?;
+            map.get(&digest)
+                .copied()
+                .with_context(|| format!("device {}: object {} is not in the object map", i + 1, hex::encode(digest)))
+        })
+        .collect()
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))
+}

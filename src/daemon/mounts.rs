@@ -1,0 +1,249 @@
+//! Mounting images lazily: the EROFS index file-backed with one `device=` per object file of the node
+//! cache (new mount API, [`crate::mount::mount_erofs_file`]), overlayfs on top with an upper and a work
+//! directory. Each mount is recorded in `STATE/mounts/<id>/record.json` (with `lower/`, and `upper/`
+//! + `work/` when the client gave none), so a restarted worker finds the mounts the kernel still has
+//! and watches their objects again.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use fscache::fanotify::Frontend;
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+use super::core::Core;
+use super::images::{self, Image, ImageSpec};
+use super::protocol::{FrontendKind, MountRequest};
+
+/// What is mounted where.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountRecord {
+    pub id: String,
+    pub image: String,
+    pub reference: String,
+    pub dir: PathBuf,
+    pub lower: PathBuf,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    /// upper/work were made by the daemon (and are removed at umount).
+    pub own_upper: bool,
+}
+
+/// The worker's mounts.
+pub struct Mounts {
+    state: PathBuf,
+    core: Arc<Core>,
+    frontend: Arc<Frontend<Core>>,
+    live: Mutex<HashMap<String, (MountRecord, Arc<Image>)>>,
+}
+
+impl std::fmt::Debug for Mounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mounts").field("state", &self.state).finish_non_exhaustive()
+    }
+}
+
+fn mount_id(dir: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    hex::encode(&sha2::Sha256::digest(dir.as_os_str().as_bytes())[..8])
+}
+
+/// Mount points currently in this mount namespace.
+fn mounted() -> Result<Vec<PathBuf>> {
+    let info = fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    Ok(info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| {
+            PathBuf::from(p.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\"))
+        })
+        .collect())
+}
+
+impl Mounts {
+    pub fn new(state: &Path, core: Arc<Core>, frontend: Arc<Frontend<Core>>) -> Self {
+        Mounts { state: state.to_owned(), core, frontend, live: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+
+    fn mounts_dir(&self) -> PathBuf {
+        self.state.join("mounts")
+    }
+
+    /// Watches the objects of `img` for the mount `key`: creates the sparse object files and marks the
+    /// ones that are not complete (once per object, however many images share it).
+    fn attach(&self, key: &str, img: &Image) -> Result<()> {
+        self.core.add_image(
+            key,
+            &img.spec.reference,
+            img.devices.len() as u64,
+            img.content_bytes(),
+            img.stored_bytes(),
+        );
+        let mut hits = 0;
+        for (i, e) in img.devices.iter().enumerate() {
+            let r = self.core.register(key, e, &img.store).inspect_err(|_| self.detach(key, &img.devices[..i]))?;
+            hits += u64::from(r.complete);
+            if !r.first {
+                continue;
+            }
+            let path = self.core.cache().path(&e.digest);
+            if r.complete {
+                // A mark a killed worker left on an object it had completed: drop it (no-op otherwise).
+                let _ = self.frontend.group().unmark(&path);
+            } else if let Err(err) = self.frontend.add(&path, &hex::encode(e.digest)) {
+                self.detach(key, &img.devices[..=i]);
+                return Err(err).context("marking an object file for pre-content events");
+            }
+        }
+        self.core.count_cache_hits(key, hits);
+        Ok(())
+    }
+
+    fn detach(&self, key: &str, devices: &[crate::oci::objmap::ObjectEntry]) {
+        for e in devices {
+            if self.core.release(key, &e.digest) {
+                let path = self.core.cache().path(&e.digest);
+                if let Err(err) = self.frontend.remove(&path) {
+                    tracing::warn!(error = %err, path = %path.display(), "unwatching an object file");
+                }
+            }
+        }
+        self.core.forget_image(key);
+    }
+
+    /// `wisp mount`.
+    pub fn mount(&self, req: &MountRequest) -> Result<serde_json::Value> {
+        if req.frontend == FrontendKind::Cachefiles {
+            bail!("this daemon serves the fanotify frontend; the cachefiles frontend is not wired into the daemon yet");
+        }
+        if !req.dir.is_absolute() {
+            bail!("{}: the mount point must be an absolute path", req.dir.display());
+        }
+        let id = mount_id(&req.dir);
+        if self.live.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&id) {
+            bail!("{}: an image is already mounted there", req.dir.display());
+        }
+        let spec = ImageSpec { reference: req.reference.clone(), plain_http: req.plain_http, store: req.store.clone() };
+        let img = Arc::new(images::pull(&self.state, &spec)?);
+        let mdir = self.mounts_dir().join(&id);
+        let (upper, work, own) = match (&req.upper, &req.work) {
+            (Some(u), Some(w)) => (u.clone(), w.clone(), false),
+            (None, None) => (mdir.join("upper"), mdir.join("work"), true),
+            _ => bail!("give both --upper and --work, or neither"),
+        };
+        let rec = MountRecord {
+            id: id.clone(),
+            image: img.id.clone(),
+            reference: req.reference.clone(),
+            dir: req.dir.clone(),
+            lower: mdir.join("lower"),
+            upper,
+            work,
+            own_upper: own,
+        };
+        for d in [&rec.lower, &rec.upper, &rec.work, &rec.dir] {
+            fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        self.attach(&id, &img)?;
+        if let Err(e) = self.kernel_mount(&rec, &img) {
+            self.detach(&id, &img.devices);
+            return Err(e);
+        }
+        fs::write(mdir.join("record.json"), serde_json::to_vec_pretty(&rec)?)?;
+        let out = serde_json::json!({
+            "id": id, "image": img.id, "dir": rec.dir, "upper": rec.upper, "objects": img.devices.len(),
+            "content_bytes": img.content_bytes(), "stored_bytes": img.stored_bytes(), "frontend": "fanotify",
+        });
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (rec, img));
+        Ok(out)
+    }
+
+    fn kernel_mount(&self, rec: &MountRecord, img: &Image) -> Result<()> {
+        let devices: Vec<PathBuf> = img.devices.iter().map(|e| self.core.cache().path(&e.digest)).collect();
+        crate::mount::mount_erofs_file(&img.erofs_path(), &rec.lower, &devices)?;
+        let data =
+            format!("lowerdir={},upperdir={},workdir={}", rec.lower.display(), rec.upper.display(), rec.work.display());
+        let cdata = std::ffi::CString::new(data.clone()).context("a NUL in an overlay path")?;
+        if let Err(e) =
+            rustix::mount::mount("overlay", &rec.dir, "overlay", rustix::mount::MountFlags::empty(), cdata.as_c_str())
+        {
+            let _ = crate::mount::umount(&rec.lower);
+            return Err(e).with_context(|| format!("mounting overlayfs on {} ({data})", rec.dir.display()));
+        }
+        Ok(())
+    }
+
+    /// `wisp umount`.
+    pub fn umount(&self, dir: &Path) -> Result<serde_json::Value> {
+        let id = mount_id(dir);
+        let (rec, img) = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+            .with_context(|| format!("{}: no wisp image is mounted there", dir.display()))?;
+        crate::mount::umount(&rec.dir)?;
+        crate::mount::umount(&rec.lower)?;
+        self.detach(&id, &img.devices);
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        let mdir = self.mounts_dir().join(&id);
+        if rec.own_upper {
+            fs::remove_dir_all(&mdir).with_context(|| format!("removing {}", mdir.display()))?;
+        } else {
+            let _ = fs::remove_file(mdir.join("record.json"));
+            let _ = fs::remove_dir(&rec.lower);
+            let _ = fs::remove_dir(&mdir);
+        }
+        Ok(serde_json::json!({"id": id, "dir": rec.dir}))
+    }
+
+    /// After a worker restart: watch the objects of every image that is still mounted again. Records
+    /// of mounts the kernel no longer has are dropped.
+    pub fn restore(&self) -> Result<usize> {
+        let Ok(rd) = fs::read_dir(self.mounts_dir()) else { return Ok(0) };
+        let now = mounted()?;
+        let mut n = 0;
+        for ent in rd {
+            let mdir = ent?.path();
+            let Ok(bytes) = fs::read(mdir.join("record.json")) else { continue };
+            let rec: MountRecord = serde_json::from_slice(&bytes).with_context(|| format!("{}", mdir.display()))?;
+            if !now.contains(&rec.lower) {
+                tracing::warn!(dir = %rec.dir.display(), "recorded mount is gone; forgetting it");
+                let _ = fs::remove_file(mdir.join("record.json"));
+                continue;
+            }
+            let img = Arc::new(images::load(&self.state, &rec.image)?);
+            self.attach(&rec.id, &img)?;
+            self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(rec.id.clone(), (rec, img));
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Unmounts everything it can; returns the mount points that stay (busy).
+    pub fn shutdown(&self) -> Vec<PathBuf> {
+        let dirs: Vec<PathBuf> =
+            self.live.lock().unwrap_or_else(|p| p.into_inner()).values().map(|(r, _)| r.dir.clone()).collect();
+        let mut left = Vec::new();
+        for d in dirs {
+            if let Err(e) = self.umount(&d) {
+                tracing::error!(dir = %d.display(), error = %format!("{e:#}"), "cannot unmount at shutdown");
+                left.push(d);
+            }
+        }
+        left
+    }
+
+    /// The mounts, for `status`.
+    pub fn list(&self) -> Vec<MountRecord> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).values().map(|(r, _)| r.clone()).collect()
+    }
+}

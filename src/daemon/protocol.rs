@@ -1,0 +1,124 @@
+//! The control socket protocol: a unix stream socket (`STATE/control.sock`), one JSON request per
+//! connection on one line, one JSON response line back.
+//!
+//! ```text
+//! {"op":"mount","reference":"docker://127.0.0.1:5000/wisp/python:v1","dir":"/mnt/a",
+//!  "upper":null,"work":null,"plain_http":true,"store":null,"frontend":"auto"}
+//! {"op":"umount","dir":"/mnt/a"}
+//! {"op":"stats"}
+//! {"op":"status"}                      -> worker pid, frontend, mounts
+//! {"op":"shutdown"}                    -> unmount everything (sent by the supervisor)
+//! response: {"ok":true,"result":{...}} | {"ok":false,"error":"..."}
+//! ```
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// A client request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    Mount(MountRequest),
+    Umount { dir: PathBuf },
+    Stats,
+    Status,
+    Shutdown,
+}
+
+/// Which kernel interface serves an image.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FrontendKind {
+    /// The one the kernel supports (fanotify pre-content first).
+    #[default]
+    Auto,
+    /// fanotify pre-content events (Linux 6.14+).
+    Fanotify,
+    /// cachefiles on-demand (CONFIG_CACHEFILES_ONDEMAND).
+    Cachefiles,
+}
+
+/// `wisp mount`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MountRequest {
+    /// The index image (oci:DIR[:TAG] or docker://HOST/REPO:TAG).
+    pub reference: String,
+    /// Absolute mount point of the container root (overlayfs).
+    pub dir: PathBuf,
+    /// Absolute upper and work dirs; the daemon makes its own under STATE when absent.
+    pub upper: Option<PathBuf>,
+    pub work: Option<PathBuf>,
+    pub plain_http: bool,
+    /// A `--store` (dir:PATH) when the objects are not in the image's repository.
+    pub store: Option<String>,
+    #[serde(default)]
+    pub frontend: FrontendKind,
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+}
+
+impl Response {
+    pub fn ok(result: serde_json::Value) -> Self {
+        Response { ok: true, error: None, result: Some(result) }
+    }
+    pub fn err(e: &anyhow::Error) -> Self {
+        Response { ok: false, error: Some(format!("{e:#}")), result: None }
+    }
+}
+
+/// The control socket in a state directory.
+pub fn socket_path(state: &Path) -> PathBuf {
+    state.join("control.sock")
+}
+
+/// Sends one request and returns the result (an error response becomes an error).
+pub fn call(socket: &Path, req: &Request, timeout: Option<Duration>) -> Result<serde_json::Value> {
+    let s = UnixStream::connect(socket).with_context(|| {
+        format!("connecting to the wisp daemon at {} (is `wisp daemon` running?)", socket.display())
+    })?;
+    s.set_read_timeout(timeout)?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    (&s).write_all(&line).context("sending the request")?;
+    let mut answer = String::new();
+    BufReader::new(&s).read_line(&mut answer).context("reading the daemon's answer")?;
+    if answer.is_empty() {
+        bail!("the daemon closed the connection without answering (see its log)");
+    }
+    let r: Response = serde_json::from_str(&answer).context("parsing the daemon's answer")?;
+    match (r.ok, r.error) {
+        (true, _) => Ok(r.result.unwrap_or(serde_json::Value::Null)),
+        (false, Some(e)) => bail!("{e}"),
+        (false, None) => bail!("the daemon reported an unspecified error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format() {
+        let r = Request::Umount { dir: "/mnt/a".into() };
+        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"op":"umount","dir":"/mnt/a"}"#);
+        let m: Request = serde_json::from_str(
+            r#"{"op":"mount","reference":"oci:/x","dir":"/m","upper":null,"work":null,"plain_http":false,"store":null}"#,
+        )
+        .unwrap();
+        assert!(matches!(m, Request::Mount(MountRequest { frontend: FrontendKind::Auto, .. })));
+        assert_eq!(serde_json::to_string(&Request::Stats).unwrap(), r#"{"op":"stats"}"#);
+    }
+}

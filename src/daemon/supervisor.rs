@@ -1,0 +1,104 @@
+//! The supervisor: the long-lived process of `wisp daemon`. It owns what must outlive a worker — the
+//! fanotify group (if it closed with events pending, the kernel would allow them and unfilled holes
+//! would read as zeros, KERNEL.md G.4) and the control socket (clients queue in its backlog while a
+//! worker restarts) — and runs one worker at a time (`wisp daemon --worker`), handing both fds over
+//! (SCM_RIGHTS on the worker's stdin). A worker that dies is replaced; the new one answers the
+//! events its predecessor had read (see `fscache::fanotify::journal`).
+//!
+//! SIGTERM/SIGINT: the worker is asked to unmount every image; the supervisor exits only when none is
+//! left mounted (a mounted image without its group would read zeros), or on a second signal.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use fscache::fanotify::Group;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use super::protocol::{self, Request};
+use super::{worker::FDS_LABEL, Config};
+
+pub fn run(cfg: &Config) -> Result<()> {
+    for d in [&cfg.state, &cfg.cache] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let cache = super::cache::NodeCache::open(&cfg.cache)?;
+    let group = Group::new().context("the fanotify frontend needs fanotify pre-content events")?;
+    group
+        .probe(&cache.root().join("objects"))
+        .context("the fanotify frontend needs pre-content marks on the cache directory (and the cachefiles frontend is not wired into the daemon yet)")?;
+    let sock_path = protocol::socket_path(&cfg.state);
+    if UnixStream::connect(&sock_path).is_ok() {
+        anyhow::bail!("another wisp daemon answers on {}", sock_path.display());
+    }
+    let _ = std::fs::remove_file(&sock_path);
+    let listener = UnixListener::bind(&sock_path).with_context(|| format!("binding {}", sock_path.display()))?;
+    std::fs::write(cfg.state.join("supervisor.pid"), format!("{}\n", std::process::id()))?;
+
+    let mut mask = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD] {
+        mask.add(s);
+    }
+    mask.thread_block().context("blocking signals")?;
+    let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC).context("signalfd")?;
+
+    let mut stopping = 0u32;
+    let mut crashes: Vec<Instant> = Vec::new();
+    let mut child = spawn_worker(cfg, &group, &listener)?;
+    tracing::info!(pid = child.id(), socket = %sock_path.display(), "wisp daemon started");
+    loop {
+        let Some(sig) = sfd.read_signal().context("reading signals")? else { continue };
+        match Signal::try_from(sig.ssi_signo as i32) {
+            Ok(Signal::SIGCHLD) => {
+                let Some(status) = child.try_wait()? else { continue };
+                if stopping > 0 {
+                    return Ok(());
+                }
+                tracing::error!(%status, "worker died; starting a new one with the same fanotify group");
+                crashes.retain(|t| t.elapsed() < Duration::from_secs(10));
+                crashes.push(Instant::now());
+                if crashes.len() > 5 {
+                    std::thread::sleep(Duration::from_secs(1)); // a crash loop: do not spin
+                }
+                child = spawn_worker(cfg, &group, &listener)?;
+            }
+            Ok(Signal::SIGTERM | Signal::SIGINT) => {
+                stopping += 1;
+                let busy = if stopping == 1 { shutdown_worker(&sock_path) } else { Vec::new() };
+                if busy.is_empty() {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+                    let _ = child.wait();
+                    let _ = std::fs::remove_file(&sock_path);
+                    return Ok(());
+                }
+                tracing::error!(?busy, "images still mounted and in use; not exiting (signal again to force)");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Asks the worker to unmount everything; returns the mount points still busy.
+fn shutdown_worker(sock: &std::path::Path) -> Vec<std::path::PathBuf> {
+    match protocol::call(sock, &Request::Shutdown, Some(Duration::from_secs(30))) {
+        Ok(v) => serde_json::from_value(v["busy"].clone()).unwrap_or_default(),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "asking the worker to unmount");
+            Vec::new()
+        }
+    }
+}
+
+fn spawn_worker(cfg: &Config, group: &Group, listener: &UnixListener) -> Result<Child> {
+    let (ours, theirs) = UnixStream::pair().context("socketpair")?;
+    let exe = std::env::current_exe().context("locating the wisp binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("daemon").arg("--worker").args(cfg.to_args()).stdin(Stdio::from(OwnedFd::from(theirs)));
+    let child = cmd.spawn().context("starting the worker")?;
+    fscache::fdpass::send_fds(&ours, FDS_LABEL, &[group.as_fd(), listener.as_fd()])
+        .context("handing the fds to the worker")?;
+    Ok(child)
+}

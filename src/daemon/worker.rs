@@ -1,0 +1,117 @@
+//! The worker: receives the fanotify group and the control listener from the supervisor (on its
+//! stdin, a unix socket), watches the objects of the images still mounted, answers what a killed
+//! predecessor left unanswered, then serves events (main thread) and control requests (one thread per
+//! connection).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use fscache::fanotify::journal::Journal;
+use fscache::fanotify::{Frontend, Group};
+
+use super::core::Core;
+use super::fetcher::Fetcher;
+use super::mounts::Mounts;
+use super::protocol::{Request, Response};
+use super::{cache::NodeCache, Config};
+
+/// Label of the fd message the supervisor sends.
+pub const FDS_LABEL: &str = "wisp-daemon";
+
+pub fn run(cfg: &Config) -> Result<()> {
+    // The supervisor blocks signals for its signalfd; the mask is inherited across exec.
+    nix::sys::signal::SigSet::all().thread_unblock().context("unblocking signals")?;
+    let sock = UnixStream::from(std::io::stdin().as_fd().try_clone_to_owned().context("dup of stdin")?);
+    let (label, fds) = fscache::fdpass::recv_fds(&sock).context("receiving the daemon fds from the supervisor")?;
+    let [group, listener]: [std::os::fd::OwnedFd; 2] =
+        fds.try_into().map_err(|v: Vec<_>| anyhow::anyhow!("expected 2 fds from the supervisor, got {}", v.len()))?;
+    if label != FDS_LABEL {
+        bail!("unexpected fd message {label:?} from the supervisor");
+    }
+    let group = Group::from_owned_fd(group);
+    let listener = UnixListener::from(listener);
+
+    let cache = NodeCache::open(&cfg.cache)?;
+    let fetcher = Fetcher::new(cfg.fetch_options(&cache));
+    let core = Arc::new(Core::new(cache, fetcher));
+    let frontend = Arc::new(Frontend::new(group, Arc::clone(&core), "wisp", cfg.fill_workers)?);
+    let (journal, left) = Journal::open(&cfg.state.join("inflight")).context("opening the in-flight journal")?;
+    frontend.set_journal(journal);
+    let mounts = Arc::new(Mounts::new(&cfg.state, Arc::clone(&core), Arc::clone(&frontend)));
+    let restored = mounts.restore().context("restoring mounts")?;
+    let rec = frontend.recover(&left);
+    tracing::info!(restored, ?rec, pid = std::process::id(), "worker ready");
+    std::fs::write(cfg.state.join("worker.pid"), format!("{}\n", std::process::id()))?;
+
+    let (m, f) = (Arc::clone(&mounts), Arc::clone(&frontend));
+    std::thread::Builder::new().name("wisp-control".into()).spawn(move || {
+        for conn in listener.incoming() {
+            match conn {
+                Ok(c) => {
+                    let (m, f) = (Arc::clone(&m), Arc::clone(&f));
+                    let _ =
+                        std::thread::Builder::new().name("wisp-request".into()).spawn(move || serve(c, &m, &f, rec));
+                }
+                Err(e) => tracing::error!(error = %e, "accepting a control connection"),
+            }
+        }
+    })?;
+    frontend.run().context("serving fanotify events")?;
+    Ok(())
+}
+
+fn serve(conn: UnixStream, mounts: &Mounts, frontend: &Frontend<Core>, rec: fscache::fanotify::Recovery) {
+    let mut line = String::new();
+    if BufReader::new(&conn).read_line(&mut line).is_err() {
+        return;
+    }
+    let resp = match serde_json::from_str::<Request>(&line) {
+        Err(e) => Response::err(&anyhow::anyhow!("bad request: {e}")),
+        Ok(req) => {
+            let r = handle(&req, mounts, frontend, rec);
+            if let Err(e) = &r {
+                tracing::warn!(request = ?req, error = %format!("{e:#}"), "request failed");
+            }
+            match r {
+                Ok(v) => Response::ok(v),
+                Err(e) => Response::err(&e),
+            }
+        }
+    };
+    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+    out.push(b'\n');
+    let _ = (&conn).write_all(&out);
+}
+
+fn handle(
+    req: &Request,
+    mounts: &Mounts,
+    frontend: &Frontend<Core>,
+    rec: fscache::fanotify::Recovery,
+) -> Result<serde_json::Value> {
+    Ok(match req {
+        Request::Mount(m) => mounts.mount(m)?,
+        Request::Umount { dir } => mounts.umount(dir)?,
+        Request::Stats => {
+            let s = frontend.stats();
+            serde_json::json!({
+                "images": mounts_stats(mounts),
+                "frontend": {"kind": "fanotify", "events": s.events, "fills": s.fills, "failures": s.failures},
+            })
+        }
+        Request::Status => serde_json::json!({
+            "worker_pid": std::process::id(),
+            "frontend": "fanotify",
+            "mounts": mounts.list(),
+            "recovered": {"resumed": rec.resumed, "allowed": rec.allowed, "denied_unrecorded": rec.denied_unrecorded},
+        }),
+        Request::Shutdown => serde_json::json!({ "busy": mounts.shutdown() }),
+    })
+}
+
+fn mounts_stats(mounts: &Mounts) -> serde_json::Value {
+    serde_json::to_value(mounts.core().report()).unwrap_or_default()
+}

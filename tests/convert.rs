@@ -245,3 +245,85 @@ fn registry_to_registry_survives_gc_and_skopeo_copy_all() {
     wisp(&["pull", "--eager", &format!("oci:{}:v1", copied.display()), pulled.to_str().unwrap()]);
     assert_same(&expected[&("python".to_string(), "v1".to_string())], &pulled, "python-wisp:v1 copied to an OCI layout");
 }
+
+/// A private containerd (own root, state and socket), stopped on drop.
+struct Containerd {
+    dir: PathBuf,
+    child: std::process::Child,
+}
+
+impl Containerd {
+    fn start(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = format!(
+            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n[grpc]\n  address = \"{0}/containerd.sock\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable = true\n",
+            dir.display()
+        );
+        std::fs::write(dir.join("config.toml"), config).unwrap();
+        let log = std::fs::File::create(dir.join("log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let c = Containerd { dir: dir.to_path_buf(), child };
+        for _ in 0..100 {
+            if c.ctr(&["version"]).status.success() {
+                return c;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("containerd did not start; see {}", dir.join("log").display());
+    }
+
+    fn ctr(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ctr").arg("--address").arg(self.dir.join("containerd.sock")).args(args).output().unwrap()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn containerd_pulls_and_unpacks_the_index_image() {
+    if !ready("containerd", &["containerd", "ctr", "docker-registry", "python3", "zstd"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let layout = t.join("edge");
+    run(Command::new("python3").arg(repo_root().join("scripts/corpus-edge.py")).arg(&layout));
+    let reg = Registry::start(5078, &t.join("registry"));
+    let dst = format!("docker://{}/edge-wisp:1", reg.addr);
+    wisp(&["convert", &format!("oci:{}:1", layout.display()), &dst, "--plain-http"]);
+    let ctd = Containerd::start(&t.join("containerd"));
+    let image = format!("{}/edge-wisp:1", reg.addr);
+    let out = ctd.ctr(&["images", "pull", "--plain-http", &image]);
+    assert!(out.status.success(), "ctr pull: {}", String::from_utf8_lossy(&out.stderr));
+    let mnt = t.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let out = ctd.ctr(&["images", "mount", &image, mnt.to_str().unwrap()]);
+    assert!(out.status.success(), "ctr mount: {}", String::from_utf8_lossy(&out.stderr));
+    let erofs = std::fs::read(mnt.join("wisp/index.erofs"));
+    let map = std::fs::metadata(mnt.join("wisp/objects.map"));
+    let _ = ctd.ctr(&["images", "unmount", mnt.to_str().unwrap()]);
+    let erofs = erofs.expect("wisp/index.erofs in the unpacked image");
+    assert!(map.is_ok(), "wisp/objects.map in the unpacked image");
+    erofs::reader::Image::open(erofs.as_slice()).unwrap().read_tree().unwrap();
+    // The config survived: entrypoint, env, user, workdir.
+    let out = ctd.ctr(&["images", "check"]);
+    assert!(out.status.success());
+    let cfg = run(Command::new("skopeo").args(["inspect", "--config", "--tls-verify=false"]).arg(&dst));
+    let cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    assert_eq!(cfg["config"]["Entrypoint"][0], "/bin/wisp-edge");
+    assert_eq!(cfg["config"]["User"], "65534:65534");
+    assert_eq!(cfg["config"]["WorkingDir"], "/data");
+    assert_eq!(cfg["rootfs"]["diff_ids"].as_array().unwrap().len(), 1);
+}

@@ -179,6 +179,10 @@ impl Materializer<'_> {
         let Kind::Directory(entries) = &self.tree.inodes[id].kind else { unreachable!("called on directories") };
         let mut visited = HashSet::new();
         for (name, &child) in entries {
+            // The index is input too: a name must stay inside its directory.
+            if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+                bail!("{}: invalid entry name {:?} in the index", path.display(), name.escape_ascii().to_string());
+            }
             let p = path.join(OsStr::from_bytes(name));
             if !visited.insert(child) && matches!(self.tree.inodes[child].kind, Kind::Directory(_)) {
                 bail!("{}: directory linked twice", p.display());

@@ -83,6 +83,8 @@ pub struct ConvertSummary {
     pub object_lists: usize,
     pub merge_seconds: f64,
     pub store_seconds: f64,
+    /// Writing the EROFS index, compressing the index layer and writing the index image.
+    pub index_seconds: f64,
     pub total_seconds: f64,
 }
 
@@ -196,12 +198,14 @@ pub fn convert(
     sum.store_seconds = store_start.elapsed().as_secs_f64();
 
     // The index image.
+    let index_start = Instant::now();
     let built = index_image::build(&tree, &pass.inline, &entries, &source, store_is_dst, opts.index_compression)?;
     sum.index_erofs_bytes = built.erofs_bytes;
     sum.index_map_bytes = built.map_bytes;
     sum.index_layer_bytes = built.layer.len() as u64;
     sum.object_lists = built.object_lists.len();
     sum.index_digest = index_image::push(dst, &built)?;
+    sum.index_seconds = index_start.elapsed().as_secs_f64();
     sum.total_seconds = start.elapsed().as_secs_f64();
     drop(staging);
     Ok(sum)

@@ -85,13 +85,20 @@ impl Pool {
                         // One compression context per worker, reused for every in-memory object
                         // (setting up a context costs more than compressing a small file).
                         let mut zctx = zstd::bulk::Compressor::new(shared.opts.level).ok();
+                        // A staging directory per worker: file creation in one directory serializes
+                        // on its lock.
+                        let dir = shared.staging.join(format!("w{i}"));
+                        let dir_ok = std::fs::create_dir_all(&dir);
                         loop {
                             let job = match jobs_rx.lock().expect("job queue lock").recv() {
                                 Ok(j) => j,
                                 Err(_) => return,
                             };
                             let id = job.id;
-                            let result = run_job(&shared, job, zctx.as_mut());
+                            let result = match &dir_ok {
+                                Ok(()) => run_job(&shared, &dir, job, zctx.as_mut()),
+                                Err(e) => Err(anyhow::anyhow!("creating {}: {e}", dir.display())),
+                            };
                             if res_tx.send(JobResult { id, result }).is_err() {
                                 return;
                             }
@@ -136,16 +143,23 @@ enum Body {
     File(PathBuf, File),
 }
 
-fn run_job(shared: &Shared, job: FileJob, zctx: Option<&mut zstd::bulk::Compressor<'static>>) -> Result<Digest> {
+fn run_job(
+    shared: &Shared,
+    dir: &Path,
+    job: FileJob,
+    zctx: Option<&mut zstd::bulk::Compressor<'static>>,
+) -> Result<Digest> {
     let mut hasher = Sha256::new();
     let mut body = Body::Memory(Vec::new());
     let mut count = 0u64;
-    let spill_path = shared.staging.join(format!("spill-{}", job.id));
+    let spill_path = dir.join(format!("spill-{}", job.id));
     let result = (|| -> Result<Digest> {
         for chunk in job.chunks.iter() {
             hasher.update(&chunk);
             count += chunk.len() as u64;
+            let chunk = chunk;
             match &mut body {
+                Body::Memory(buf) if buf.is_empty() && chunk.len() <= SPILL => *buf = chunk,
                 Body::Memory(buf) if buf.len() + chunk.len() <= SPILL => buf.extend_from_slice(&chunk),
                 Body::Memory(buf) => {
                     let mut f =
@@ -169,7 +183,7 @@ fn run_job(shared: &Shared, job: FileJob, zctx: Option<&mut zstd::bulk::Compress
             objects.insert(digest, None);
         }
         let staged =
-            stage(shared, &digest, count, body, zctx).with_context(|| format!("{}: storing its object", job.what));
+            stage(shared, dir, &digest, count, body, zctx).with_context(|| format!("{}: storing its object", job.what));
         let mut objects = shared.objects.lock().expect("objects lock");
         match staged {
             Ok(s) => {
@@ -189,6 +203,7 @@ fn run_job(shared: &Shared, job: FileJob, zctx: Option<&mut zstd::bulk::Compress
 /// Produces the stored form of a new object, unless the store already has it.
 fn stage(
     shared: &Shared,
+    dir: &Path,
     digest: &Digest,
     size: u64,
     body: Body,
@@ -197,7 +212,7 @@ fn stage(
     if let Some(entry) = shared.store.lookup(digest, size)? {
         return Ok(Staged { entry, path: None });
     }
-    let raw = shared.staging.join(hex::encode(digest));
+    let raw = dir.join(hex::encode(digest));
     if let (Body::Memory(buf), Some(z)) = (&body, zctx) {
         let (entry, path) = crate::store::compress::stage_bytes(buf, digest, &raw, &shared.opts, z)?;
         return Ok(Staged { entry, path: Some(path) });
@@ -220,8 +235,14 @@ fn stage(
 /// (the worker reports why).
 pub fn stream_to(r: &mut impl io::Read, size: u64, tx: SyncSender<Vec<u8>>) -> io::Result<()> {
     let mut left = size;
+    // Files that stay in memory anyway travel as one buffer (no copy on the worker's side).
+    let whole = size <= SPILL as u64;
     while left > 0 {
-        let n = usize::try_from(left.min(CHUNK as u64)).expect("at most CHUNK");
+        let n = if whole {
+            usize::try_from(size).expect("at most SPILL")
+        } else {
+            usize::try_from(left.min(CHUNK as u64)).expect("at most CHUNK")
+        };
         let mut buf = vec![0u8; n];
         r.read_exact(&mut buf)?;
         left -= n as u64;

@@ -69,10 +69,13 @@ pub struct Built {
     pub index: Vec<u8>,
 }
 
+/// zstd level of the index layer (docs/convert.md: 16 is within 4 % of 19's size at half its time).
+pub const INDEX_ZSTD_LEVEL: i32 = 16;
+
 /// Compresses a tar as one layer blob.
 pub fn compress_layer(tar: &[u8], c: LayerCompression) -> Result<(Vec<u8>, &'static str)> {
     Ok(match c {
-        LayerCompression::Zstd => (zstd::bulk::compress(tar, 19)?, MT_OCI_LAYER_ZSTD),
+        LayerCompression::Zstd => (zstd::bulk::compress(tar, INDEX_ZSTD_LEVEL)?, MT_OCI_LAYER_ZSTD),
         LayerCompression::Gzip => {
             let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
             enc.write_all(tar)?;

@@ -42,7 +42,10 @@ fn wisp(args: &[&str]) -> String {
 /// recompressed to gzip by skopeo (the tar bytes, and so the tree, stay the same).
 fn umoci_unpack(layout: &Path, tag: &str, tmp: &Path) -> PathBuf {
     let gz = tmp.join(format!("gz-{tag}"));
-    run(Command::new("skopeo").args(["copy", "--quiet", "--dest-compress", "--dest-compress-format", "gzip"]).arg(format!("oci:{}:{tag}", layout.display())).arg(format!("oci:{}:{tag}", gz.display())));
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-compress", "--dest-compress-format", "gzip"])
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(format!("oci:{}:{tag}", gz.display())));
     let bundle = tmp.join(format!("umoci-{tag}"));
     run(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:{tag}", gz.display())).arg(&bundle));
     bundle.join("rootfs")
@@ -50,7 +53,12 @@ fn umoci_unpack(layout: &Path, tag: &str, tmp: &Path) -> PathBuf {
 
 fn assert_same(expected: &Path, actual: &Path, what: &str) {
     let diffs = compare_trees(expected, actual, &CompareOptions::default());
-    assert!(diffs.is_empty(), "{what}: {} differences:\n{}", diffs.len(), diffs.iter().take(40).cloned().collect::<Vec<_>>().join("\n"));
+    assert!(
+        diffs.is_empty(),
+        "{what}: {} differences:\n{}",
+        diffs.len(),
+        diffs.iter().take(40).cloned().collect::<Vec<_>>().join("\n")
+    );
 }
 
 /// Sets the mtime of `rel` under each root to 0: umoci gives directories that no tar entry names
@@ -75,19 +83,46 @@ fn edge_image_oci_to_dir_store_equals_umoci() {
     let expected = umoci_unpack(&layout, "1", t);
     let store = t.join("store");
     let out = t.join("out");
-    let json = wisp(&["convert", &format!("oci:{}:1", layout.display()), &format!("oci:{}:1", out.display()), "--store", &format!("dir:{}", store.display()), "--json"]);
+    let json = wisp(&[
+        "convert",
+        &format!("oci:{}:1", layout.display()),
+        &format!("oci:{}:1", out.display()),
+        "--store",
+        &format!("dir:{}", store.display()),
+        "--json",
+    ]);
     let sum: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert!(sum["files"].as_u64().unwrap() > 50 && sum["distinct_objects"].as_u64().unwrap() > 3, "{json}");
     let pulled = t.join("pulled");
-    wisp(&["pull", "--eager", &format!("oci:{}:1", out.display()), pulled.to_str().unwrap(), "--store", &format!("dir:{}", store.display())]);
+    wisp(&[
+        "pull",
+        "--eager",
+        &format!("oci:{}:1", out.display()),
+        pulled.to_str().unwrap(),
+        "--store",
+        &format!("dir:{}", store.display()),
+    ]);
     normalize_mtime(&[&expected, &pulled], &["implicit/a/b", "implicit/a", "implicit"]);
     assert_same(&expected, &pulled, "edge:1");
 
     // edge:gnu-sparse: umoci rejects typeflag S, so check the old-GNU sparse file against the PAX 1.0
     // one (same map, same bytes) and the rest against edge:1.
-    wisp(&["convert", &format!("oci:{}:gnu-sparse", layout.display()), &format!("oci:{}:gnu-sparse", out.display()), "--store", &format!("dir:{}", store.display())]);
+    wisp(&[
+        "convert",
+        &format!("oci:{}:gnu-sparse", layout.display()),
+        &format!("oci:{}:gnu-sparse", out.display()),
+        "--store",
+        &format!("dir:{}", store.display()),
+    ]);
     let pulled2 = t.join("pulled2");
-    wisp(&["pull", "--eager", &format!("oci:{}:gnu-sparse", out.display()), pulled2.to_str().unwrap(), "--store", &format!("dir:{}", store.display())]);
+    wisp(&[
+        "pull",
+        "--eager",
+        &format!("oci:{}:gnu-sparse", out.display()),
+        pulled2.to_str().unwrap(),
+        "--store",
+        &format!("dir:{}", store.display()),
+    ]);
     let a = std::fs::read(pulled2.join("gnu/sparse")).unwrap();
     let b = std::fs::read(pulled2.join("pax/sparse-1.0")).unwrap();
     assert_eq!(a.len(), 16 << 20);
@@ -111,7 +146,10 @@ fn corpus_oci_to_dir_store_equals_umoci() {
             let pulled = t.join(format!("pulled-{family}-{tag}"));
             wisp(&["pull", "--eager", &out, pulled.to_str().unwrap(), "--store", &format!("dir:{}", store.display())]);
             let bundle = t.join(format!("umoci-{family}-{tag}"));
-            run(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:{tag}", oci.join(family).display())).arg(&bundle));
+            run(Command::new("umoci")
+                .args(["unpack", "--image"])
+                .arg(format!("{}:{tag}", oci.join(family).display()))
+                .arg(&bundle));
             assert_same(&bundle.join("rootfs"), &pulled, &format!("{family}:{tag}"));
             let _ = std::fs::remove_dir_all(&pulled);
             let _ = std::fs::remove_dir_all(&bundle);
@@ -135,7 +173,10 @@ fn docker_archive_source_equals_oci_source() {
     let pulled = t.join("pulled");
     wisp(&["pull", "--eager", &out, pulled.to_str().unwrap(), "--store", &store]);
     let bundle = t.join("umoci");
-    run(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:v1", oci.join("python").display())).arg(&bundle));
+    run(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:v1", oci.join("python").display()))
+        .arg(&bundle));
     assert_same(&bundle.join("rootfs"), &pulled, "python:v1 from docker-archive");
 }
 
@@ -167,7 +208,9 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        let _ = Command::new(repo_root().join("scripts/registry")).args(["stop", "--port", &self.port.to_string()]).output();
+        let _ = Command::new(repo_root().join("scripts/registry"))
+            .args(["stop", "--port", &self.port.to_string()])
+            .output();
     }
 }
 
@@ -198,7 +241,10 @@ fn registry_to_registry_survives_gc_and_skopeo_copy_all() {
             umoci_unpack(&oci.join("edge"), "1", t)
         } else {
             let bundle = t.join(format!("umoci-{family}-{tag}"));
-            run(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:{tag}", oci.join(family).display())).arg(&bundle));
+            run(Command::new("umoci")
+                .args(["unpack", "--image"])
+                .arg(format!("{}:{tag}", oci.join(family).display()))
+                .arg(&bundle));
             bundle.join("rootfs")
         };
         expected.insert((family.clone(), tag.clone()), oracle);
@@ -206,7 +252,13 @@ fn registry_to_registry_survives_gc_and_skopeo_copy_all() {
     let check = |repo: &str, family: &str, tag: &str, what: &str| {
         let pulled = t.join(format!("pulled-{repo}-{tag}"));
         let _ = std::fs::remove_dir_all(&pulled);
-        wisp(&["pull", "--eager", &format!("docker://{}/{repo}:{tag}", reg.addr), pulled.to_str().unwrap(), "--plain-http"]);
+        wisp(&[
+            "pull",
+            "--eager",
+            &format!("docker://{}/{repo}:{tag}", reg.addr),
+            pulled.to_str().unwrap(),
+            "--plain-http",
+        ]);
         let oracle = &expected[&(family.to_string(), tag.to_string())];
         if family == "edge" {
             normalize_mtime(&[oracle, &pulled], &["implicit/a/b", "implicit/a", "implicit"]);
@@ -236,14 +288,24 @@ fn registry_to_registry_survives_gc_and_skopeo_copy_all() {
     }
 
     // skopeo copy --all carries the index image and every object (as the object lists' layers).
-    run(Command::new("skopeo").args(["copy", "--quiet", "--all", "--src-tls-verify=false", "--dest-tls-verify=false"]).arg(format!("docker://{}/python-wisp:v1", reg.addr)).arg(format!("docker://{}/copied:v1", reg.addr)));
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet", "--all", "--src-tls-verify=false", "--dest-tls-verify=false"])
+        .arg(format!("docker://{}/python-wisp:v1", reg.addr))
+        .arg(format!("docker://{}/copied:v1", reg.addr)));
     check("copied", "python", "v1", "after skopeo copy --all");
     // ... and to an OCI layout, which wisp reads as well.
     let copied = t.join("copied-layout");
-    run(Command::new("skopeo").args(["copy", "--quiet", "--all", "--src-tls-verify=false"]).arg(format!("docker://{}/python-wisp:v1", reg.addr)).arg(format!("oci:{}:v1", copied.display())));
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet", "--all", "--src-tls-verify=false"])
+        .arg(format!("docker://{}/python-wisp:v1", reg.addr))
+        .arg(format!("oci:{}:v1", copied.display())));
     let pulled = t.join("pulled-copied-layout");
     wisp(&["pull", "--eager", &format!("oci:{}:v1", copied.display()), pulled.to_str().unwrap()]);
-    assert_same(&expected[&("python".to_string(), "v1".to_string())], &pulled, "python-wisp:v1 copied to an OCI layout");
+    assert_same(
+        &expected[&("python".to_string(), "v1".to_string())],
+        &pulled,
+        "python-wisp:v1 copied to an OCI layout",
+    );
 }
 
 /// A private containerd (own root, state and socket), stopped on drop.

@@ -182,7 +182,12 @@ fn path_traversal_and_absolute_names_are_rejected() {
         return;
     }
     let t = tempfile::tempdir().unwrap();
-    case(t.path(), "dotdot", vec![gzip(&tar(&[good_file(), file(b"a/../../evil", b"x")]))], &["a/../../evil", "path traversal"]);
+    case(
+        t.path(),
+        "dotdot",
+        vec![gzip(&tar(&[good_file(), file(b"a/../../evil", b"x")]))],
+        &["a/../../evil", "path traversal"],
+    );
     case(t.path(), "absolute", vec![gzip(&tar(&[good_file(), file(b"/etc/evil", b"x")]))], &["/etc/evil", "absolute"]);
     case(
         t.path(),
@@ -195,21 +200,56 @@ fn path_traversal_and_absolute_names_are_rejected() {
 #[test]
 fn hard_links_to_missing_or_outside_targets_are_rejected() {
     let t = tempfile::tempdir().unwrap();
-    case(t.path(), "link-missing", vec![gzip(&tar(&[good_file(), header(b"link", b'1', 0, b"no/such/file")]))], &["link", "no/such/file", "does not exist"]);
-    case(t.path(), "link-outside", vec![gzip(&tar(&[good_file(), header(b"link", b'1', 0, b"../../etc/passwd")]))], &["link", "../../etc/passwd"]);
-    case(t.path(), "link-absolute", vec![gzip(&tar(&[good_file(), header(b"link", b'1', 0, b"/etc/passwd")]))], &["link", "/etc/passwd"]);
+    case(
+        t.path(),
+        "link-missing",
+        vec![gzip(&tar(&[good_file(), header(b"link", b'1', 0, b"no/such/file")]))],
+        &["link", "no/such/file", "does not exist"],
+    );
+    case(
+        t.path(),
+        "link-outside",
+        vec![gzip(&tar(&[good_file(), header(b"link", b'1', 0, b"../../etc/passwd")]))],
+        &["link", "../../etc/passwd"],
+    );
+    case(
+        t.path(),
+        "link-absolute",
+        vec![gzip(&tar(&[good_file(), header(b"link", b'1', 0, b"/etc/passwd")]))],
+        &["link", "/etc/passwd"],
+    );
     // a hard link to a directory
-    case(t.path(), "link-dir", vec![gzip(&tar(&[good_file(), header(b"link", b'1', 0, b"ok")]))], &["link", "directory"]);
+    case(
+        t.path(),
+        "link-dir",
+        vec![gzip(&tar(&[good_file(), header(b"link", b'1', 0, b"ok")]))],
+        &["link", "directory"],
+    );
 }
 
 #[test]
 fn absurd_sizes_and_name_lengths_are_rejected() {
     let t = tempfile::tempdir().unwrap();
-    case(t.path(), "huge-size", vec![gzip(&tar(&[good_file(), pax(&[("size", b"9000000000000000")]), header(b"huge", b'0', 0, b"")]))], &["huge", "exceeds"]);
+    case(
+        t.path(),
+        "huge-size",
+        vec![gzip(&tar(&[good_file(), pax(&[("size", b"9000000000000000")]), header(b"huge", b'0', 0, b"")]))],
+        &["huge", "exceeds"],
+    );
     let long = [b"d/".as_slice(), &[b'n'; 300]].concat();
-    case(t.path(), "long-component", vec![gzip(&tar(&[good_file(), pax(&[("path", &long)]), file(b"x", b"x")]))], &["NAME_MAX"]);
+    case(
+        t.path(),
+        "long-component",
+        vec![gzip(&tar(&[good_file(), pax(&[("path", &long)]), file(b"x", b"x")]))],
+        &["NAME_MAX"],
+    );
     let very_long = b"a/".repeat(3000);
-    case(t.path(), "long-path", vec![gzip(&tar(&[good_file(), pax(&[("path", &very_long)]), file(b"x", b"x")]))], &["PATH_MAX"]);
+    case(
+        t.path(),
+        "long-path",
+        vec![gzip(&tar(&[good_file(), pax(&[("path", &very_long)]), file(b"x", b"x")]))],
+        &["PATH_MAX"],
+    );
     // a GNU long name block of 10 MB: refused before it is read into memory
     let mut gnu = header(b"././@LongLink", b'L', 10_000_000, b"");
     gnu.extend(vec![b'n'; 10_000_384]);

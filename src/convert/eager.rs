@@ -271,7 +271,7 @@ fn set_meta(inode: &Inode, path: &Path) -> Result<()> {
     )
     .context("chown")?;
     if !is_link {
-        rustix::fs::chmodat(CWD, path, Mode::from_bits_truncate(u32::from(m.perm).into()), AtFlags::empty())
+        rustix::fs::chmodat(CWD, path, Mode::from_bits_truncate(u32::from(m.perm)), AtFlags::empty())
             .context("chmod")?;
     }
     for (name, value) in &inode.xattrs {

@@ -235,7 +235,7 @@ fn store_objects(
                     *n += 1;
                     i
                 };
-                let Some((entry, Some(path))) = pending.get(i).map(|x| *x) else { return };
+                let Some((entry, Some(path))) = pending.get(i).copied() else { return };
                 match store.put(entry, path) {
                     Ok(w) => {
                         if w {

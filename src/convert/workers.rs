@@ -157,7 +157,6 @@ fn run_job(
         for chunk in job.chunks.iter() {
             hasher.update(&chunk);
             count += chunk.len() as u64;
-            let chunk = chunk;
             match &mut body {
                 Body::Memory(buf) if buf.is_empty() && chunk.len() <= SPILL => *buf = chunk,
                 Body::Memory(buf) if buf.len() + chunk.len() <= SPILL => buf.extend_from_slice(&chunk),

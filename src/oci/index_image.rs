@@ -269,7 +269,7 @@ pub fn read(repo: &dyn Repo) -> Result<Pulled> {
                 .manifests
                 .iter()
                 .find(|d| {
-                    d.annotations.get(ANN_REFTYPE).is_none() && d.platform.as_ref().is_none_or(|p| p.os != "unknown")
+                    !d.annotations.contains_key(ANN_REFTYPE) && d.platform.as_ref().map_or(true, |p| p.os != "unknown")
                 })
                 .with_context(|| format!("{}: the image index lists no index image", repo.describe()))?;
             let child = repo.get_manifest(Some(&d.digest))?;

@@ -56,7 +56,7 @@ pub enum MapError {
 /// Encodes entries (sorted here).
 pub fn encode(entries: &[ObjectEntry]) -> Vec<u8> {
     let mut sorted = entries.to_vec();
-    sorted.sort_by(|a, b| a.digest.cmp(&b.digest));
+    sorted.sort_by_key(|e| e.digest);
     sorted.dedup_by(|a, b| a.digest == b.digest);
     let mut out = Vec::with_capacity(16 + sorted.len() * ENTRY);
     out.extend_from_slice(MAGIC);

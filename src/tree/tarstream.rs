@@ -32,6 +32,9 @@ pub enum TarError {
     Truncated,
 }
 
+/// PAX records as (key, value) pairs, in order.
+pub type PaxRecords = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// One member with its extension headers folded in.
 #[derive(Debug, Clone)]
 pub struct Member {
@@ -309,7 +312,7 @@ fn check_sum(block: &[u8; 512]) -> Result<(), ()> {
 }
 
 /// Parses PAX records `LEN KEY=VALUE\n`, where LEN counts the whole record (values may be binary).
-pub fn parse_pax(mut data: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+pub fn parse_pax(mut data: &[u8]) -> Result<PaxRecords, String> {
     let mut out = Vec::new();
     while !data.is_empty() {
         if data.iter().all(|&b| b == 0) {

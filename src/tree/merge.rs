@@ -318,6 +318,20 @@ mod tests {
     }
 
     #[test]
+    fn symlinked_parents_never_leave_the_root() {
+        let mut m = Merger::new();
+        m.begin_layer();
+        m.apply(e("escape", EntryKind::Symlink(b"/".to_vec())), None).unwrap();
+        m.apply(e("up", EntryKind::Symlink(b"../../../..".to_vec())), None).unwrap();
+        m.apply(e("loop", EntryKind::Symlink(b"loop".to_vec())), None).unwrap();
+        m.begin_layer();
+        m.apply(file("escape/etc/x"), None).unwrap();
+        m.apply(file("up/etc/y"), None).unwrap();
+        assert_eq!(names(&mut m, "etc"), vec!["x", "y"]);
+        assert!(matches!(m.apply(file("loop/z"), None), Err(MergeError::SymlinkLoop { .. })));
+    }
+
+    #[test]
     fn hard_links_share_inodes_and_break_on_replace() {
         let mut m = Merger::new();
         m.begin_layer();

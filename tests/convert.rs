@@ -293,6 +293,11 @@ fn registry_to_registry_survives_gc_and_skopeo_copy_all() {
         .arg(format!("docker://{}/python-wisp:v1", reg.addr))
         .arg(format!("docker://{}/copied:v1", reg.addr)));
     check("copied", "python", "v1", "after skopeo copy --all");
+    // The copy's children arrive untagged; `wisp keepalive` tags them, and then even
+    // `--delete-untagged` keeps the copy whole.
+    wisp(&["keepalive", &format!("docker://{}/copied:v1", reg.addr), "--plain-http"]);
+    reg.gc(true);
+    check("copied", "python", "v1", "after skopeo copy --all, wisp keepalive and garbage-collect --delete-untagged");
     // ... and to an OCI layout, which wisp reads as well.
     let copied = t.join("copied-layout");
     run(Command::new("skopeo")

@@ -8,6 +8,7 @@ mod convert;
 mod daemon;
 mod fsck;
 mod inspect;
+mod keepalive;
 mod mkfs;
 mod mount;
 mod pull;
@@ -31,6 +32,8 @@ enum Command {
     Convert(convert::Args),
     /// Fetch an index image and its objects and write the whole tree (`--eager`).
     Pull(pull::Args),
+    /// Tag a copied index image's children so that garbage collection keeps its objects.
+    Keepalive(keepalive::Args),
     /// Run the node daemon (mounts images lazily, fills objects on first read).
     Daemon(daemon::Args),
     /// Mount an index image lazily through the daemon (overlayfs root at DIR).
@@ -56,6 +59,7 @@ pub fn main() -> ExitCode {
         Command::Fsck(a) => fsck::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Pull(a) => pull::run(a),
+        Command::Keepalive(a) => keepalive::run(a),
         Command::Daemon(a) => daemon::run(a),
         Command::Mount(a) => mount::mount(a),
         Command::Umount(a) => mount::umount(a),

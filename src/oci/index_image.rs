@@ -321,3 +321,31 @@ pub fn read(repo: &dyn Repo) -> Result<Pulled> {
     let objects = objmap::decode(&map).with_context(|| format!("index layer {}", layer.digest))?;
     Ok(Pulled { manifest_digest: digest, source_digest: manifest.annotations.get(ANN_SOURCE).cloned(), erofs, objects })
 }
+
+/// Gives the children of the index image that `repo`'s reference names their keep-alive tags (after a
+/// `skopeo copy --all`, which copies them untagged). Returns the tags written.
+pub fn retag(repo: &dyn Repo) -> Result<Vec<String>> {
+    let top = repo.get_manifest(None)?;
+    let Fetched::Index(index) = parse_manifest(&top.bytes).context("parsing the manifest")? else {
+        bail!("{}: not an image index; nothing to keep alive", repo.describe());
+    };
+    if index.annotations.get(ANN_FORMAT).is_none() {
+        bail!("{}: not a wisp index image (no {ANN_FORMAT} annotation)", repo.describe());
+    }
+    let tag = repo.tag();
+    let mut lists = 0;
+    let mut written = Vec::new();
+    for d in &index.manifests {
+        let kind = if d.annotations.get(ANN_REFTYPE).map(String::as_str) == Some("objects") {
+            lists += 1;
+            format!("objects{}", lists - 1)
+        } else {
+            "index".to_string()
+        };
+        let child = repo.get_manifest(Some(&d.digest))?;
+        let t = keepalive_tag(&tag, &kind);
+        repo.put_manifest(&child.bytes, &d.media_type, Some(&t))?;
+        written.push(t);
+    }
+    Ok(written)
+}

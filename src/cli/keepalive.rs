@@ -1,0 +1,24 @@
+//! `wisp keepalive REF`: tag the children of a copied index image so that registries whose garbage
+//! collector deletes untagged manifests keep them (docs/convert.md, "Keeping objects alive").
+
+use anyhow::{Context, Result};
+
+use crate::oci::{self, ImageRef, TransportOptions};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The index image: oci:DIR:TAG or docker://HOST/REPO:TAG.
+    image: ImageRef,
+    /// Talk plain HTTP to registries (a local registry).
+    #[arg(long)]
+    plain_http: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let repo = oci::open(&a.image, &TransportOptions { plain_http: a.plain_http }, false)
+        .with_context(|| format!("opening {}", a.image))?;
+    for t in oci::index_image::retag(&*repo)? {
+        eprintln!("wisp keepalive: tagged {t}");
+    }
+    Ok(())
+}

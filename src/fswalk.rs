@@ -210,7 +210,11 @@ pub struct StoreStats {
 
 /// Copies every non-empty regular file of `walked` into `objects` (hashing as it copies, on all cores)
 /// and turns its data into `FileData::External`. Empty files stay inline: they need no object.
-pub fn store_external(walked: &mut Walked, objects: &ObjectDir, progress: &indicatif::ProgressBar) -> Result<StoreStats> {
+pub fn store_external(
+    walked: &mut Walked,
+    objects: &ObjectDir,
+    progress: &indicatif::ProgressBar,
+) -> Result<StoreStats> {
     let jobs: Vec<(InodeId, u64)> = walked
         .tree
         .inodes

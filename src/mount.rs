@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use rustix::fd::OwnedFd;
 use rustix::mount::{
-    fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount, unmount,
-    FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags,
+    fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount, unmount, FsMountFlags,
+    FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags,
 };
 
 /// Mounts the EROFS image file `image` read-only on `target`, with `devices` as its extra devices in
@@ -24,7 +24,8 @@ pub fn mount_erofs_file(image: &Path, target: &Path, devices: &[PathBuf]) -> Res
 }
 
 fn configure(fs: &OwnedFd, image: &Path, devices: &[PathBuf]) -> Result<()> {
-    fsconfig_set_string(fs, "source", image).context("source: file-backed EROFS needs CONFIG_EROFS_FS_BACKED_BY_FILE (6.12+)")?;
+    fsconfig_set_string(fs, "source", image)
+        .context("source: file-backed EROFS needs CONFIG_EROFS_FS_BACKED_BY_FILE (6.12+)")?;
     for (i, dev) in devices.iter().enumerate() {
         fsconfig_set_string(fs, "device", dev.as_path())
             .with_context(|| format!("device #{} {}", i + 1, dev.display()))?;

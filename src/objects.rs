@@ -94,7 +94,8 @@ impl ObjectDir {
     /// object was already present the copy is discarded.
     pub fn ingest_file(&self, src: &Path) -> Result<([u8; 32], u64, bool)> {
         fs::create_dir_all(&self.root).with_context(|| format!("creating {}", self.root.display()))?;
-        let tmp = self.root.join(format!(".tmp.ingest.{}.{}", std::process::id(), TMP_SEQ.fetch_add(1, Ordering::Relaxed)));
+        let tmp =
+            self.root.join(format!(".tmp.ingest.{}.{}", std::process::id(), TMP_SEQ.fetch_add(1, Ordering::Relaxed)));
         let result = (|| -> Result<([u8; 32], u64, bool)> {
             let input = File::open(src).with_context(|| format!("opening {}", src.display()))?;
             let out = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;

@@ -56,32 +56,14 @@ fn in_vm(name: &str) -> bool {
     if let Some(t) = env("WISP_VM_TIMEOUT") {
         cmd.args(["--timeout", &t]);
     }
-    cmd.args(["--env", "WISP_IN_VM=1", "--"]).arg(&exe).args([
-        "--exact",
-        name,
-        "--nocapture",
-        "--test-threads=1",
-    ]);
+    cmd.args(["--env", "WISP_IN_VM=1", "--"]).arg(&exe).args(["--exact", name, "--nocapture", "--test-threads=1"]);
     let start = Instant::now();
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", runner.display()));
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {}: {e}", runner.display()));
     let stdout = String::from_utf8_lossy(&out.stdout);
     // Shown by libtest when the test fails, or with --nocapture.
-    println!(
-        "--- {name} in the VM ({:.1}s, {}) ---\n{stdout}",
-        start.elapsed().as_secs_f64(),
-        out.status
-    );
-    println!(
-        "--- vm-tests/run stderr ---\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "{name} failed in the VM ({}); its output is above",
-        out.status
-    );
+    println!("--- {name} in the VM ({:.1}s, {}) ---\n{stdout}", start.elapsed().as_secs_f64(), out.status);
+    println!("--- vm-tests/run stderr ---\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{name} failed in the VM ({}); its output is above", out.status);
     assert!(
         stdout.contains("test result: ok. 1 passed"),
         "{name}: the VM run passed but did not run exactly this test (name filter?)"
@@ -109,70 +91,30 @@ fn sha256(bytes: &[u8]) -> Digest {
 /// Three files of different sizes (one block, several blocks with a partial tail, tiny), written by
 /// wisp's EROFS writer with their data external.
 fn fixture() -> Fixture {
-    let meta = |perm| Metadata {
-        perm,
-        uid: 0,
-        gid: 0,
-        mtime: 1_700_000_000,
-        mtime_nsec: 0,
-    };
-    let pattern = |seed: u8, len: usize| {
-        (0..len)
-            .map(|i| seed.wrapping_add(u8::try_from(i % 251).unwrap()))
-            .collect::<Vec<u8>>()
-    };
+    let meta = |perm| Metadata { perm, uid: 0, gid: 0, mtime: 1_700_000_000, mtime_nsec: 0 };
+    let pattern =
+        |seed: u8, len: usize| (0..len).map(|i| seed.wrapping_add(u8::try_from(i % 251).unwrap())).collect::<Vec<u8>>();
     let files = vec![
         ("block".to_string(), pattern(1, BLOCK)),
         ("several".to_string(), pattern(7, 3 * BLOCK + 123)),
-        (
-            "tiny".to_string(),
-            b"hello from an external object\n".to_vec(),
-        ),
+        ("tiny".to_string(), b"hello from an external object\n".to_vec()),
     ];
     let mut tree = Tree::new(meta(0o755));
     for (name, content) in &files {
         let size = u64::try_from(content.len()).unwrap();
-        let data = FileData::External {
-            size,
-            digest: sha256(content),
-        };
+        let data = FileData::External { size, digest: sha256(content) };
         let id = tree.push(Inode::new(Kind::Regular(data), meta(0o644)));
-        tree.entries_mut(ROOT)
-            .unwrap()
-            .insert(name.clone().into_bytes(), id);
+        tree.entries_mut(ROOT).unwrap().insert(name.clone().into_bytes(), id);
     }
     let mut image = Vec::new();
-    let stats = write_image(
-        &tree,
-        &mut MemorySource::new(),
-        &mut image,
-        &WriteOptions::default(),
-    )
-    .expect("writing the EROFS image");
-    assert_eq!(
-        image.len() % BLOCK,
-        0,
-        "the writer pads images to whole blocks"
-    );
-    let device_tags: Vec<String> = stats
-        .devices
-        .iter()
-        .map(|d| hex::encode(d.digest))
-        .collect();
-    let objects: HashMap<String, Arc<Vec<u8>>> = files
-        .iter()
-        .map(|(_, c)| (hex::encode(sha256(c)), Arc::new(c.clone())))
-        .collect();
-    assert_eq!(
-        device_tags.iter().collect::<BTreeSet<_>>(),
-        objects.keys().collect::<BTreeSet<_>>()
-    );
-    Fixture {
-        image: Arc::new(image),
-        files,
-        objects,
-        device_tags,
-    }
+    let stats = write_image(&tree, &mut MemorySource::new(), &mut image, &WriteOptions::default())
+        .expect("writing the EROFS image");
+    assert_eq!(image.len() % BLOCK, 0, "the writer pads images to whole blocks");
+    let device_tags: Vec<String> = stats.devices.iter().map(|d| hex::encode(d.digest)).collect();
+    let objects: HashMap<String, Arc<Vec<u8>>> =
+        files.iter().map(|(_, c)| (hex::encode(sha256(c)), Arc::new(c.clone()))).collect();
+    assert_eq!(device_tags.iter().collect::<BTreeSet<_>>(), objects.keys().collect::<BTreeSet<_>>());
+    Fixture { image: Arc::new(image), files, objects, device_tags }
 }
 
 /// A fresh cache on the scratch disk (ext4: tmpfs cannot back cachefiles on 6.1), bound on-demand.
@@ -180,8 +122,7 @@ fn bind_cache() -> Device {
     let dir = Path::new("/scratch/cache");
     std::fs::create_dir_all(dir).unwrap();
     let dev = Device::open().expect("opening /dev/cachefiles");
-    dev.bind(dir, Some("wisp"))
-        .expect("dir /scratch/cache, tag wisp, bind ondemand");
+    dev.bind(dir, Some("wisp")).expect("dir /scratch/cache, tag wisp, bind ondemand");
     dev
 }
 
@@ -242,31 +183,26 @@ impl<'a> Server<'a> {
                         self.open_objects.insert(open.object_id, (open.fd, bytes));
                     }
                     None => {
-                        self.dev
-                            .copen(open.msg_id, Err(libc::ENOENT))
-                            .expect("copen -ENOENT");
+                        self.dev.copen(open.msg_id, Err(libc::ENOENT)).expect("copen -ENOENT");
                         self.opens.push((volume, cookie, false));
                     }
                 }
             }
             Request::Read(read) => {
                 self.reads += 1;
-                let (fd, bytes) = self.open_objects.get(&read.object_id).unwrap_or_else(|| {
-                    panic!("READ for object {} that was never opened", read.object_id)
-                });
+                let (fd, bytes) = self
+                    .open_objects
+                    .get(&read.object_id)
+                    .unwrap_or_else(|| panic!("READ for object {} that was never opened", read.object_id));
                 let off = usize::try_from(read.off).unwrap();
                 let len = usize::try_from(read.len).unwrap();
-                assert!(
-                    off % BLOCK == 0 && len % BLOCK == 0,
-                    "unaligned READ {off}+{len}"
-                );
+                assert!(off % BLOCK == 0 && len % BLOCK == 0, "unaligned READ {off}+{len}");
                 let mut buf = AlignedBuf::zeroed(len);
                 let end = (off + len).min(bytes.len());
                 if off < end {
                     buf[..end - off].copy_from_slice(&bytes[off..end]);
                 }
-                fd.write_blocks(read.off, &buf)
-                    .expect("writing object data");
+                fd.write_blocks(read.off, &buf).expect("writing object data");
                 fd.read_complete(read.msg_id).expect("READ_COMPLETE");
             }
             Request::Close { object_id, .. } => {
@@ -309,14 +245,7 @@ fn spawn_mount(target: &Path, options: &str) -> JoinHandle<io::Result<()>> {
     let target = target.to_owned();
     let data = CString::new(options).unwrap();
     std::thread::spawn(move || {
-        mount(
-            "none",
-            &target,
-            "erofs",
-            MountFlags::RDONLY,
-            data.as_c_str(),
-        )
-        .map_err(io::Error::from)
+        mount("none", &target, "erofs", MountFlags::RDONLY, data.as_c_str()).map_err(io::Error::from)
     })
 }
 
@@ -353,39 +282,17 @@ fn vm_environment() {
     };
     assert_eq!(fstype("/scratch").as_deref(), Some("ext4"), "{mounts}");
     assert_eq!(fstype("/tmp").as_deref(), Some("tmpfs"), "{mounts}");
-    assert_eq!(
-        fstype("/sys/fs/cgroup").as_deref(),
-        Some("cgroup2"),
-        "{mounts}"
-    );
-    assert_eq!(
-        fstype("/work").or(fstype("/usr")).as_deref(),
-        Some("9p"),
-        "{mounts}"
-    );
+    assert_eq!(fstype("/sys/fs/cgroup").as_deref(), Some("cgroup2"), "{mounts}");
+    assert_eq!(fstype("/work").or(fstype("/usr")).as_deref(), Some("9p"), "{mounts}");
     let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap();
     for fs in ["erofs", "overlay", "ext4"] {
-        assert!(
-            filesystems.split_whitespace().any(|f| f == fs),
-            "no {fs} in /proc/filesystems"
-        );
+        assert!(filesystems.split_whitespace().any(|f| f == fs), "no {fs} in /proc/filesystems");
     }
     assert!(Path::new("/dev/cachefiles").exists());
     assert_eq!(std::env::var("HOME").as_deref(), Ok("/scratch"));
-    assert_eq!(
-        std::env::current_dir().unwrap(),
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-    );
-    let err = std::fs::write(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(".vm-write-probe"),
-        b"x",
-    )
-    .unwrap_err();
-    assert_eq!(
-        err.raw_os_error(),
-        Some(libc::EROFS),
-        "the host root must be read-only: {err}"
-    );
+    assert_eq!(std::env::current_dir().unwrap(), Path::new(env!("CARGO_MANIFEST_DIR")));
+    let err = std::fs::write(Path::new(env!("CARGO_MANIFEST_DIR")).join(".vm-write-probe"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "the host root must be read-only: {err}");
 }
 
 /// The primary blob's OPEN names the volume `erofs,<domain_id>` (or `erofs,<fsid>` without a domain) and
@@ -400,22 +307,14 @@ fn cachefiles_refused_primary_fails_mount() {
         ("fsid=wisp-vm-nodomain", "erofs,wisp-vm-nodomain"),
         ("fsid=wisp-vm-img1,domain_id=wisp-vm-d1", "erofs,wisp-vm-d1"),
     ] {
-        let fsid = options
-            .split(',')
-            .next()
-            .unwrap()
-            .strip_prefix("fsid=")
-            .unwrap();
+        let fsid = options.split(',').next().unwrap().strip_prefix("fsid=").unwrap();
         let (_dir, mnt) = mountpoint();
         let mut srv = Server::new(&dev, |_| None);
         let result = srv.serve_while("mount", spawn_mount(&mnt, options), WAIT);
         println!("mount -o {options}: {result:?}; OPENs: {:?}", srv.opens);
         let err = result.expect_err("the mount must fail when the primary blob is refused");
         assert_ne!(err.raw_os_error(), Some(libc::EBUSY), "{err}");
-        assert_eq!(
-            srv.opens,
-            vec![(volume.to_string(), fsid.to_string(), false)]
-        );
+        assert_eq!(srv.opens, vec![(volume.to_string(), fsid.to_string(), false)]);
         assert_eq!(srv.reads, 0);
     }
 }
@@ -433,34 +332,16 @@ fn cachefiles_device_opens_carry_object_tags() {
     let (_dir, mnt) = mountpoint();
     let fsid = "wisp-vm-img2";
     let image = fx.image.clone();
-    let mut srv = Server::new(&dev, |open| {
-        (open.cookie_key == fsid.as_bytes()).then(|| image.clone())
-    });
-    srv.serve_while(
-        "mount",
-        spawn_mount(&mnt, &format!("fsid={fsid},domain_id=wisp-vm-d2")),
-        WAIT,
-    )
-    .expect("mounting with the primary blob served");
+    let mut srv = Server::new(&dev, |open| (open.cookie_key == fsid.as_bytes()).then(|| image.clone()));
+    srv.serve_while("mount", spawn_mount(&mnt, &format!("fsid={fsid},domain_id=wisp-vm-d2")), WAIT)
+        .expect("mounting with the primary blob served");
     // Device cookies are looked up asynchronously: their OPENs may arrive after mount(2) returns.
     let n = fx.device_tags.len();
     let all = srv.serve_until(WAIT, |s| s.opens.len() > n);
     println!("OPENs: {:?}; READs: {}", srv.opens, srv.reads);
-    assert!(
-        all,
-        "expected {} OPENs (primary + {n} devices), got {:?}",
-        n + 1,
-        srv.opens
-    );
-    assert_eq!(
-        srv.opens[0],
-        ("erofs,wisp-vm-d2".to_string(), fsid.to_string(), true),
-        "the primary comes first"
-    );
-    assert!(
-        srv.reads > 0,
-        "the superblock must have been read through the daemon"
-    );
+    assert!(all, "expected {} OPENs (primary + {n} devices), got {:?}", n + 1, srv.opens);
+    assert_eq!(srv.opens[0], ("erofs,wisp-vm-d2".to_string(), fsid.to_string(), true), "the primary comes first");
+    assert!(srv.reads > 0, "the superblock must have been read through the daemon");
     let volumes: BTreeSet<&str> = srv.opens.iter().map(|(v, _, _)| v.as_str()).collect();
     assert_eq!(volumes, BTreeSet::from(["erofs,wisp-vm-d2"]));
     let tags: BTreeSet<&str> = srv.opens[1..].iter().map(|(_, c, _)| c.as_str()).collect();
@@ -472,25 +353,13 @@ fn cachefiles_device_opens_carry_object_tags() {
 
     // Every device was refused: reading a file must fail, promptly.
     let path = mnt.join(&fx.files[0].0);
-    let read = srv.serve_while(
-        "read",
-        std::thread::spawn(move || std::fs::read(path)),
-        WAIT,
-    );
+    let read = srv.serve_while("read", std::thread::spawn(move || std::fs::read(path)), WAIT);
     println!("read of a refused object: {read:?}");
-    assert!(
-        read.is_err(),
-        "a file whose object was refused read as {:?} bytes",
-        read.map(|b| b.len())
-    );
+    assert!(read.is_err(), "a file whose object was refused read as {:?} bytes", read.map(|b| b.len()));
 
-    srv.serve_while("umount", spawn_umount(&mnt), WAIT)
-        .expect("umount");
+    srv.serve_while("umount", spawn_umount(&mnt), WAIT).expect("umount");
     let primary = srv.accepted[0];
-    assert!(
-        srv.serve_until(Duration::from_secs(30), |s| s.closed.contains(&primary)),
-        "no CLOSE for the primary blob"
-    );
+    assert!(srv.serve_until(Duration::from_secs(30), |s| s.closed.contains(&primary)), "no CLOSE for the primary blob");
 }
 
 /// End to end: primary and objects served by the daemon, every file of the image reads back byte-exact
@@ -511,50 +380,27 @@ fn cachefiles_serves_external_files() {
         if open.cookie_key == fsid.as_bytes() {
             Some(image.clone())
         } else {
-            std::str::from_utf8(&open.cookie_key)
-                .ok()
-                .and_then(|tag| objects.get(tag).cloned())
+            std::str::from_utf8(&open.cookie_key).ok().and_then(|tag| objects.get(tag).cloned())
         }
     });
-    srv.serve_while(
-        "mount",
-        spawn_mount(&mnt, &format!("fsid={fsid},domain_id=wisp-vm-d3")),
-        WAIT,
-    )
-    .expect("mounting with everything served");
+    srv.serve_while("mount", spawn_mount(&mnt, &format!("fsid={fsid},domain_id=wisp-vm-d3")), WAIT)
+        .expect("mounting with everything served");
     for pass in 0..2 {
         let reads_before = srv.reads;
         for (name, content) in &fx.files {
             let path = mnt.join(name);
             let got = srv
-                .serve_while(
-                    "read",
-                    std::thread::spawn(move || std::fs::read(path)),
-                    WAIT,
-                )
+                .serve_while("read", std::thread::spawn(move || std::fs::read(path)), WAIT)
                 .unwrap_or_else(|e| panic!("reading {name}: {e}"));
-            assert!(
-                got == *content,
-                "{name}: {} bytes read, {} expected, contents differ",
-                got.len(),
-                content.len()
-            );
+            assert!(got == *content, "{name}: {} bytes read, {} expected, contents differ", got.len(), content.len());
         }
         println!("pass {pass}: {} READs", srv.reads - reads_before);
         if pass == 1 {
-            assert_eq!(
-                srv.reads, reads_before,
-                "the second pass must be served by the cache files"
-            );
+            assert_eq!(srv.reads, reads_before, "the second pass must be served by the cache files");
         }
         // Forget the page cache, so the second pass reads the cache files that the first one filled.
         std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop_caches");
     }
-    assert!(
-        srv.opens.iter().all(|(_, _, accepted)| *accepted),
-        "{:?}",
-        srv.opens
-    );
-    srv.serve_while("umount", spawn_umount(&mnt), WAIT)
-        .expect("umount");
+    assert!(srv.opens.iter().all(|(_, _, accepted)| *accepted), "{:?}", srv.opens);
+    srv.serve_while("umount", spawn_umount(&mnt), WAIT).expect("umount");
 }

@@ -34,6 +34,4 @@ pub mod writer;
 
 pub use reader::{CheckReport, DeviceInfo, Image, ReadAt, ReadError};
 pub use tree::{Digest, Extent, FileData, Inode, InodeId, Kind, Metadata, Tree, ROOT};
-pub use writer::{
-    write_image, ContentSource, DeviceRef, MemorySource, WriteError, WriteOptions, WriteStats,
-};
+pub use writer::{write_image, ContentSource, DeviceRef, MemorySource, WriteError, WriteOptions, WriteStats};

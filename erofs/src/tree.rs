@@ -39,11 +39,7 @@ pub enum FileData {
     /// Stored inside the image. `extents` are sorted, non-overlapping and within `size`; the writer asks
     /// its [`crate::writer::ContentSource`] for their bytes by `source`, a handle chosen by whoever built
     /// the tree (a reader sets it to the inode's nid).
-    Inline {
-        size: u64,
-        extents: Vec<Extent>,
-        source: u64,
-    },
+    Inline { size: u64, extents: Vec<Extent>, source: u64 },
     /// Stored outside the image as an object named by the sha256 of its `size` bytes, reached through a
     /// device-table slot whose tag is that digest in hex.
     External { size: u64, digest: Digest },
@@ -89,11 +85,7 @@ pub struct Inode {
 
 impl Inode {
     pub fn new(kind: Kind, meta: Metadata) -> Self {
-        Inode {
-            kind,
-            meta,
-            xattrs: BTreeMap::new(),
-        }
+        Inode { kind, meta, xattrs: BTreeMap::new() }
     }
 }
 
@@ -107,9 +99,7 @@ pub struct Tree {
 impl Tree {
     /// A tree holding only an empty root directory with the given metadata.
     pub fn new(root_meta: Metadata) -> Self {
-        Tree {
-            inodes: vec![Inode::new(Kind::Directory(BTreeMap::new()), root_meta)],
-        }
+        Tree { inodes: vec![Inode::new(Kind::Directory(BTreeMap::new()), root_meta)] }
     }
 
     /// Adds an inode to the arena (not linked anywhere yet) and returns its id.

@@ -13,21 +13,9 @@ use erofs::{Extent, FileData, Image, Inode, Kind, ReadError, Tree};
 
 fn tree() -> Tree {
     let mut t = Tree::new(meta(0o755, 0));
-    let d = add(
-        &mut t,
-        0,
-        b"d",
-        Inode::new(Kind::Directory(BTreeMap::new()), meta(0o755, 0)),
-    );
+    let d = add(&mut t, 0, b"d", Inode::new(Kind::Directory(BTreeMap::new()), meta(0o755, 0)));
     let mut f = Inode::new(
-        Kind::Regular(FileData::Inline {
-            size: 100,
-            extents: vec![Extent {
-                offset: 0,
-                len: 100,
-            }],
-            source: 1,
-        }),
+        Kind::Regular(FileData::Inline { size: 100, extents: vec![Extent { offset: 0, len: 100 }], source: 1 }),
         meta(0o644, 0),
     );
     f.xattrs.insert(b"user.k".to_vec(), b"value".to_vec());
@@ -36,13 +24,7 @@ fn tree() -> Tree {
         &mut t,
         d,
         b"a2",
-        Inode::new(
-            Kind::Regular(FileData::External {
-                size: 9000,
-                digest: [3; 32],
-            }),
-            meta(0o644, 0),
-        ),
+        Inode::new(Kind::Regular(FileData::External { size: 9000, digest: [3; 32] }), meta(0o644, 0)),
     );
     t
 }
@@ -60,23 +42,12 @@ fn fixture() -> Fixture {
     image.check().unwrap();
     let root = image.inode(image.root_nid()).unwrap();
     let find = |dir: &erofs::reader::InodeInfo, name: &[u8]| {
-        image
-            .read_dir(dir)
-            .unwrap()
-            .into_iter()
-            .find(|e| e.name == name)
-            .unwrap()
-            .nid
+        image.read_dir(dir).unwrap().into_iter().find(|e| e.name == name).unwrap().nid
     };
     let dir_nid = find(&root, b"d");
     let dir = image.inode(dir_nid).unwrap();
     let (a1, a2) = (find(&dir, b"a1"), find(&dir, b"a2"));
-    Fixture {
-        img,
-        dir_nid,
-        a1,
-        a2,
-    }
+    Fixture { img, dir_nid, a1, a2 }
 }
 
 fn check_err(img: &[u8]) -> ReadError {
@@ -102,12 +73,7 @@ fn inode_offset(img: &[u8], nid: u64) -> usize {
 fn dirent_offset(img: &[u8], dir: u64, name: &[u8]) -> usize {
     let image = Image::open(img).unwrap();
     let ino = image.inode(dir).unwrap();
-    let e = image
-        .read_dir(&ino)
-        .unwrap()
-        .into_iter()
-        .find(|e| e.name == name)
-        .unwrap();
+    let e = image.read_dir(&ino).unwrap().into_iter().find(|e| e.name == name).unwrap();
     match image.map(&ino, e.pos).unwrap().target {
         Target::Image(p) => p as usize,
         t => panic!("{t:?}"),
@@ -129,18 +95,11 @@ fn unsorted_entries() {
     let mut img = f.img.clone();
     let image = Image::open(img.as_slice()).unwrap();
     let dir = image.inode(f.dir_nid).unwrap();
-    let names: Vec<u64> = image
-        .read_dir(&dir)
-        .unwrap()
-        .iter()
-        .map(|e| e.pos)
-        .collect();
+    let names: Vec<u64> = image.read_dir(&dir).unwrap().iter().map(|e| e.pos).collect();
     drop(image);
     // swap the names "a1" and "a2" in place (same length): the order breaks
     let base = dirent_offset(&img, f.dir_nid, b".") - names[0] as usize;
-    let nameoff = |i: usize, img: &[u8]| {
-        u16::from_le_bytes([img[base + 12 * i + 8], img[base + 12 * i + 9]]) as usize
-    };
+    let nameoff = |i: usize, img: &[u8]| u16::from_le_bytes([img[base + 12 * i + 8], img[base + 12 * i + 9]]) as usize;
     let (p1, p2) = (base + nameoff(2, &img), base + nameoff(3, &img));
     assert_eq!(&img[p1..p1 + 2], b"a1");
     img[p1 + 1] = b'2';
@@ -225,25 +184,13 @@ fn device_id_within_mask_but_beyond_table() {
             &mut t,
             0,
             &[b'f', b'0' + i],
-            Inode::new(
-                Kind::Regular(FileData::External {
-                    size: 10,
-                    digest: [i; 32],
-                }),
-                meta(0o644, 0),
-            ),
+            Inode::new(Kind::Regular(FileData::External { size: 10, digest: [i; 32] }), meta(0o644, 0)),
         );
     }
     let (mut img, _) = write(&t);
     let image = Image::open(img.as_slice()).unwrap();
     let root = image.inode(image.root_nid()).unwrap();
-    let nid = image
-        .read_dir(&root)
-        .unwrap()
-        .into_iter()
-        .find(|e| e.name == b"f0")
-        .unwrap()
-        .nid;
+    let nid = image.read_dir(&root).unwrap().into_iter().find(|e| e.name == b"f0").unwrap().nid;
     let idx = image.inode(nid).unwrap().body_end().next_multiple_of(8) as usize;
     drop(image);
     img[idx + 2..idx + 4].copy_from_slice(&6u16.to_le_bytes()); // mask is 7, only 5 devices

@@ -79,47 +79,16 @@ fn cross_check(name: &str, tree: &Tree) {
     let extract = dir.join("extract");
     let _ = std::fs::remove_dir_all(&extract);
     for args in [vec![], vec![format!("--extract={}", extract.display())]] {
-        let out = Command::new(&fsck)
-            .args(&devices)
-            .args(&args)
-            .arg(&image)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success(),
-            "fsck.erofs {args:?} failed on {name}:\n{text}"
-        );
-        assert!(
-            !text.contains("<E>"),
-            "fsck.erofs reported errors on {name}:\n{text}"
-        );
+        let out = Command::new(&fsck).args(&devices).args(&args).arg(&image).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "fsck.erofs {args:?} failed on {name}:\n{text}");
+        assert!(!text.contains("<E>"), "fsck.erofs reported errors on {name}:\n{text}");
     }
     for args in [&["-s"][..], &["-S"], &["--path=/", "--ls"]] {
-        let out = Command::new(&dump)
-            .args(&devices)
-            .args(args)
-            .arg(&image)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success(),
-            "dump.erofs {args:?} failed ({}) on {name}:\n{text}",
-            out.status
-        );
-        assert!(
-            !text.contains("<E>"),
-            "dump.erofs reported errors on {name}:\n{text}"
-        );
+        let out = Command::new(&dump).args(&devices).args(args).arg(&image).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "dump.erofs {args:?} failed ({}) on {name}:\n{text}", out.status);
+        assert!(!text.contains("<E>"), "dump.erofs reported errors on {name}:\n{text}");
     }
 }
 
@@ -140,10 +109,7 @@ fn fsck_erofs_accepts_200_devices() {
             &mut t,
             0,
             format!("f{i:03}").as_bytes(),
-            Inode::new(
-                Kind::Regular(FileData::External { size, digest }),
-                meta(0o644, 1),
-            ),
+            Inode::new(Kind::Regular(FileData::External { size, digest }), meta(0o644, 1)),
         );
     }
     cross_check("devices200", &t);
@@ -151,10 +117,7 @@ fn fsck_erofs_accepts_200_devices() {
 
 #[test]
 fn fsck_erofs_accepts_random_trees() {
-    let mut runner = TestRunner::new(Config {
-        cases: 24,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(Config { cases: 24, ..Config::default() });
     let strategy = gen::tree();
     for i in 0..24 {
         let mut tree = strategy.new_tree(&mut runner).unwrap().current();
@@ -184,25 +147,15 @@ fn fsck_erofs_accepts_xattrs_of_every_prefix() {
             }),
             meta(0o644, 1),
         );
-        f.xattrs
-            .insert(b"user.common".to_vec(), b"shared value".to_vec());
-        f.xattrs
-            .insert(b"trusted.overlay.opaque".to_vec(), b"y".to_vec());
-        f.xattrs.insert(
-            format!("user.own{i}").into_bytes(),
-            vec![b'v'; 3000 * i as usize],
-        );
-        f.xattrs.insert(
-            b"security.selinux".to_vec(),
-            b"system_u:object_r:bin_t:s0".to_vec(),
-        );
-        f.xattrs
-            .insert(b"system.posix_acl_access".to_vec(), valid_acl());
+        f.xattrs.insert(b"user.common".to_vec(), b"shared value".to_vec());
+        f.xattrs.insert(b"trusted.overlay.opaque".to_vec(), b"y".to_vec());
+        f.xattrs.insert(format!("user.own{i}").into_bytes(), vec![b'v'; 3000 * i as usize]);
+        f.xattrs.insert(b"security.selinux".to_vec(), b"system_u:object_r:bin_t:s0".to_vec());
+        f.xattrs.insert(b"system.posix_acl_access".to_vec(), valid_acl());
         add(&mut t, 0, format!("f{i}").as_bytes(), f);
     }
     let mut d = Inode::new(Kind::Directory(Default::default()), meta(0o755, 1));
-    d.xattrs
-        .insert(b"system.posix_acl_default".to_vec(), valid_acl());
+    d.xattrs.insert(b"system.posix_acl_default".to_vec(), valid_acl());
     d.xattrs.insert(b"user.big".to_vec(), vec![7; 65535]);
     add(&mut t, 0, b"d", d);
     cross_check("xattrs", &t);

@@ -47,17 +47,7 @@ fn exercise(bytes: &[u8]) {
 
 fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
     let mut m = seed.to_vec();
-    let interesting: [u64; 9] = [
-        0,
-        1,
-        0x7f,
-        0xff,
-        0xffff,
-        0xffff_ffff,
-        u64::MAX,
-        0x8000_0000_0000_0000,
-        4096,
-    ];
+    let interesting: [u64; 9] = [0, 1, 0x7f, 0xff, 0xffff, 0xffff_ffff, u64::MAX, 0x8000_0000_0000_0000, 4096];
     for _ in 0..1 + rng.below(8) {
         if m.is_empty() {
             break;
@@ -75,11 +65,7 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
                 // a value at its limit, in the superblock or somewhere in the metadata
                 let v = interesting[rng.below(interesting.len())].to_le_bytes();
                 let w = [1, 2, 4, 8][rng.below(4)];
-                let at = if rng.below(2) == 0 {
-                    1024 + rng.below(128)
-                } else {
-                    rng.below(m.len())
-                };
+                let at = if rng.below(2) == 0 { 1024 + rng.below(128) } else { rng.below(m.len()) };
                 for (k, &byte) in v.iter().take(w).enumerate() {
                     if let Some(b) = m.get_mut(at + k) {
                         *b = byte;
@@ -110,12 +96,8 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
 
 #[test]
 fn mutated_images_never_panic() {
-    let budget = Duration::from_secs(
-        std::env::var("WISP_EROFS_FUZZ_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(20),
-    );
+    let budget =
+        Duration::from_secs(std::env::var("WISP_EROFS_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(20));
     let mut seeds = vec![write(&sample_tree()).0];
     let mut runner = TestRunner::new(Config::default());
     let strategy = gen::tree();
@@ -138,16 +120,11 @@ fn mutated_images_never_panic() {
         execs += 1;
         if execs % 64 == 0 {
             // fully random bytes behind a valid superblock
-            let mut r: Vec<u8> = (0..8192 + rng.below(65536))
-                .map(|_| rng.next() as u8)
-                .collect();
+            let mut r: Vec<u8> = (0..8192 + rng.below(65536)).map(|_| rng.next() as u8).collect();
             r[1024..1152].copy_from_slice(&seeds[0][1024..1152]);
             exercise(&r);
         }
     }
-    eprintln!(
-        "fuzz smoke: {execs} mutated images in {:?}",
-        start.elapsed()
-    );
+    eprintln!("fuzz smoke: {execs} mutated images in {:?}", start.elapsed());
     assert!(execs > 0);
 }

@@ -33,10 +33,5 @@ fn golden_image_digest() {
         }
     }
     let digest = hex::encode(Sha256::digest(&img));
-    assert_eq!(
-        digest,
-        GOLDEN_SHA256,
-        "image layout changed ({} bytes)",
-        img.len()
-    );
+    assert_eq!(digest, GOLDEN_SHA256, "image layout changed ({} bytes)", img.len());
 }

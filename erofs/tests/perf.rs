@@ -15,10 +15,7 @@ use erofs::{Extent, FileData, Image, Inode, Kind, Tree};
 
 fn peak_rss_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
+    s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
 }
 
 fn big_tree(files: u64) -> Tree {
@@ -32,51 +29,25 @@ fn big_tree(files: u64) -> Tree {
             Inode::new(Kind::Directory(BTreeMap::new()), meta(0o755, 1_700_000_000)),
         ));
     }
-    let huge = add(
-        &mut t,
-        0,
-        b"huge",
-        Inode::new(Kind::Directory(BTreeMap::new()), meta(0o755, 1_700_000_000)),
-    );
+    let huge = add(&mut t, 0, b"huge", Inode::new(Kind::Directory(BTreeMap::new()), meta(0o755, 1_700_000_000)));
     for i in 0..files {
-        let dir = if i % 5 == 0 {
-            huge
-        } else {
-            dirs[(i % 1000) as usize]
-        };
+        let dir = if i % 5 == 0 { huge } else { dirs[(i % 1000) as usize] };
         let kind = if i % 20 == 0 {
             let size = 1 + i % 3000;
-            Kind::Regular(FileData::Inline {
-                size,
-                extents: vec![Extent {
-                    offset: 0,
-                    len: size,
-                }],
-                source: i,
-            })
+            Kind::Regular(FileData::Inline { size, extents: vec![Extent { offset: 0, len: size }], source: i })
         } else {
             let mut digest = [0u8; 32];
             digest[..8].copy_from_slice(&(i % 60_000).to_le_bytes());
-            Kind::Regular(FileData::External {
-                size: 1000 + (i % 60_000) * 7,
-                digest,
-            })
+            Kind::Regular(FileData::External { size: 1000 + (i % 60_000) * 7, digest })
         };
         let mut inode = Inode::new(kind, meta(0o644, 1_700_000_000 + (i % 7 == 0) as i64));
         if i % 10 == 0 {
             inode.xattrs.insert(
                 b"security.capability".to_vec(),
-                vec![
-                    1, 0, 0, 2, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                ],
+                vec![1, 0, 0, 2, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             );
         }
-        add(
-            &mut t,
-            dir,
-            format!("some-file-name-{i:08}.py").as_bytes(),
-            inode,
-        );
+        add(&mut t, dir, format!("some-file-name-{i:08}.py").as_bytes(), inode);
     }
     t
 }
@@ -88,13 +59,7 @@ fn write_100k_files() {
     let before = peak_rss_kib();
     let start = Instant::now();
     let mut out = Vec::new();
-    let stats = erofs::write_image(
-        &tree,
-        &mut PatternSource::default(),
-        &mut out,
-        &Default::default(),
-    )
-    .unwrap();
+    let stats = erofs::write_image(&tree, &mut PatternSource::default(), &mut out, &Default::default()).unwrap();
     let write = start.elapsed();
     let after_write = peak_rss_kib();
     let image = Image::open(out.as_slice()).unwrap();

@@ -56,12 +56,7 @@ pub trait Backend: Send + Sync + 'static {
     fn open(&self, key: &ObjectKey<'_>) -> Result<Opened<Self::Object>, Errno>;
 
     /// Write the verified bytes of `range` (already clipped to `0..size`) through `sink`.
-    fn fill(
-        &self,
-        object: &Self::Object,
-        range: Range<u64>,
-        sink: &mut dyn FillSink,
-    ) -> Result<(), Errno>;
+    fn fill(&self, object: &Self::Object, range: Range<u64>, sink: &mut dyn FillSink) -> Result<(), Errno>;
 
     /// The kernel no longer uses the object. In-flight fills may still hold it; it is dropped after.
     fn close(&self, object: &Self::Object) {
@@ -96,11 +91,7 @@ impl Coverage {
 
     /// True when every byte of `want` was written.
     pub(crate) fn covers(&self, want: &Range<u64>) -> bool {
-        want.start >= want.end
-            || self
-                .have
-                .iter()
-                .any(|h| h.start <= want.start && h.end >= want.end)
+        want.start >= want.end || self.have.iter().any(|h| h.start <= want.start && h.end >= want.end)
     }
 }
 

@@ -34,7 +34,9 @@ pub const DEVICE_PATH: &str = "/dev/cachefiles";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No devnode: the kernel was built without cachefiles.
-    #[error("{DEVICE_PATH} does not exist: the kernel lacks CONFIG_CACHEFILES (or the cachefiles module is not loaded)")]
+    #[error(
+        "{DEVICE_PATH} does not exist: the kernel lacks CONFIG_CACHEFILES (or the cachefiles module is not loaded)"
+    )]
     NoDevice,
     /// The single-opener device is held elsewhere.
     #[error("{DEVICE_PATH} is busy: another daemon (e.g. cachefilesd, or a previous wisp whose fds are still open) holds it")]
@@ -63,11 +65,7 @@ pub enum Error {
     /// The kernel sent something that does not parse. For an OPEN its fd has been closed already; reply
     /// with [`Device::copen`] and an errno so the mount does not hang.
     #[error("malformed message (msg_id {msg_id:?}, opcode {opcode:?}): {source}")]
-    Malformed {
-        msg_id: Option<u32>,
-        opcode: Option<u32>,
-        source: ProtoError,
-    },
+    Malformed { msg_id: Option<u32>, opcode: Option<u32>, source: ProtoError },
     /// An OPEN's anonymous fd could not be adopted.
     #[error("OPEN {msg_id}: anonymous fd: {source}")]
     AnonFd { msg_id: u32, source: io::Error },
@@ -82,11 +80,7 @@ pub enum Error {
     ReadComplete { msg_id: u32, source: io::Error },
     /// `inuse`/`cull` could not run.
     #[error("culling {name:?} in {dir:?}: {source}")]
-    Cull {
-        dir: PathBuf,
-        name: String,
-        source: io::Error,
-    },
+    Cull { dir: PathBuf, name: String, source: io::Error },
 }
 
 /// A request read from the device.
@@ -180,11 +174,7 @@ impl Device {
 
     /// Opens a devnode at another path (tests, containers with a bind-mounted /dev).
     pub fn open_path(path: &Path) -> Result<Self, Error> {
-        match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-        {
+        match std::fs::OpenOptions::new().read(true).write(true).open(path) {
             Ok(f) => Ok(Device { fd: f.into() }),
             Err(e) => Err(match e.raw_os_error() {
                 Some(libc::ENOENT | libc::ENXIO | libc::ENODEV) => Error::NoDevice,
@@ -221,14 +211,8 @@ impl Device {
         match self.command(&Command::BindOndemand) {
             Err(Error::Command { source, .. }) => Err(match source.raw_os_error() {
                 Some(libc::EINVAL) => Error::NoOndemand,
-                Some(libc::EOPNOTSUPP | libc::EROFS) => Error::UnsuitableDir {
-                    dir: dir.to_owned(),
-                    source,
-                },
-                _ => Error::Command {
-                    command: "bind ondemand".into(),
-                    source,
-                },
+                Some(libc::EOPNOTSUPP | libc::EROFS) => Error::UnsuitableDir { dir: dir.to_owned(), source },
+                _ => Error::Command { command: "bind ondemand".into(), source },
             }),
             other => other,
         }
@@ -242,8 +226,7 @@ impl Device {
     /// Reads one message; `Ok(None)` when nothing is pending (the device never blocks).
     pub fn read_message(&self) -> Result<Option<Request>, Error> {
         let mut buf = [0u8; MSG_MAX_SIZE];
-        let (n, fd) =
-            sys::cachefiles::read_message(self.fd.as_fd(), &mut buf).map_err(Error::Read)?;
+        let (n, fd) = sys::cachefiles::read_message(self.fd.as_fd(), &mut buf).map_err(Error::Read)?;
         if n == 0 {
             return Ok(None);
         }
@@ -260,26 +243,20 @@ impl Device {
     /// `name` the encoded object name (see [`crate::cookie::object_path`]). Runs `inuse` and `cull` on a
     /// short-lived thread that unshares its cwd, so the process's cwd never changes.
     pub fn cull(&self, fanout_dir: &Path, name: &OsStr) -> Result<CullOutcome, Error> {
-        let cull_err = |source| Error::Cull {
-            dir: fanout_dir.to_owned(),
-            name: name.to_string_lossy().into_owned(),
-            source,
-        };
+        let cull_err =
+            |source| Error::Cull { dir: fanout_dir.to_owned(), name: name.to_string_lossy().into_owned(), source };
         let inuse = Command::Inuse(name).encode().map_err(Error::Encode)?;
         let cull = Command::Cull(name).encode().map_err(Error::Encode)?;
         let dev = self.fd.as_fd();
         std::thread::scope(|s| {
             s.spawn(|| {
-                nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)
-                    .map_err(|e| cull_err(e.into()))?;
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).map_err(|e| cull_err(e.into()))?;
                 nix::unistd::chdir(fanout_dir).map_err(|e| cull_err(e.into()))?;
                 for (cmd, busy) in [(&inuse, CullOutcome::InUse), (&cull, CullOutcome::Culled)] {
                     match write_raw(dev, cmd) {
                         Ok(()) => {}
                         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(busy),
-                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                            return Ok(CullOutcome::Missing)
-                        }
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(CullOutcome::Missing),
                         Err(e) => return Err(cull_err(e)),
                     }
                 }
@@ -308,27 +285,18 @@ fn write_raw(dev: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
 }
 
 pub(crate) fn write_command(dev: BorrowedFd<'_>, bytes: &[u8]) -> Result<(), Error> {
-    write_raw(dev, bytes).map_err(|source| Error::Command {
-        command: String::from_utf8_lossy(bytes).into_owned(),
-        source,
-    })
+    write_raw(dev, bytes)
+        .map_err(|source| Error::Command { command: String::from_utf8_lossy(bytes).into_owned(), source })
 }
 
 /// Turns the bytes of one read (and the fd adopted from it, if any) into a [`Request`].
-pub(crate) fn request_from_bytes(
-    buf: &[u8],
-    fd: Option<io::Result<OwnedFd>>,
-) -> Result<Request, Error> {
+pub(crate) fn request_from_bytes(buf: &[u8], fd: Option<io::Result<OwnedFd>>) -> Result<Request, Error> {
     let message = match proto::parse(buf) {
         Ok(m) => m,
         Err(source) => {
             drop(fd); // closes the anon fd of a malformed OPEN
             let hint = proto::header_hint(buf);
-            return Err(Error::Malformed {
-                msg_id: hint.map(|h| h.0),
-                opcode: hint.map(|h| h.1),
-                source,
-            });
+            return Err(Error::Malformed { msg_id: hint.map(|h| h.0), opcode: hint.map(|h| h.1), source });
         }
     };
     Ok(match message {
@@ -337,12 +305,7 @@ pub(crate) fn request_from_bytes(
             let fd = match fd {
                 Some(Ok(fd)) => fd,
                 Some(Err(source)) => return Err(Error::AnonFd { msg_id, source }),
-                None => {
-                    return Err(Error::AnonFd {
-                        msg_id,
-                        source: io::Error::from_raw_os_error(libc::EBADF),
-                    })
-                }
+                None => return Err(Error::AnonFd { msg_id, source: io::Error::from_raw_os_error(libc::EBADF) }),
             };
             Request::Open(OpenRequest {
                 msg_id,
@@ -353,10 +316,7 @@ pub(crate) fn request_from_bytes(
                 fd: ObjectFd(fd),
             })
         }
-        Message::Close(h) => Request::Close {
-            msg_id: h.msg_id,
-            object_id: h.object_id,
-        },
+        Message::Close(h) => Request::Close { msg_id: h.msg_id, object_id: h.object_id },
         Message::Read(r) => Request::Read(ReadRequest {
             msg_id: r.header.msg_id,
             object_id: r.header.object_id,
@@ -385,17 +345,9 @@ impl ObjectFd {
         let mut attempt = 0;
         while done < buf.len() {
             let at = offset + done as u64;
-            let pos = i64::try_from(at).map_err(|_| Error::Write {
-                offset: at,
-                source: einval(),
-            })?;
+            let pos = i64::try_from(at).map_err(|_| Error::Write { offset: at, source: einval() })?;
             match nix::sys::uio::pwrite(self.0.as_fd(), &buf[done..], pos) {
-                Ok(0) => {
-                    return Err(Error::Write {
-                        offset: at,
-                        source: io::ErrorKind::WriteZero.into(),
-                    })
-                }
+                Ok(0) => return Err(Error::Write { offset: at, source: io::ErrorKind::WriteZero.into() }),
                 Ok(n) => done += n,
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(nix::errno::Errno::ENOBUFS) => match enobufs_backoff(attempt) {
@@ -404,19 +356,9 @@ impl ObjectFd {
                         tracing::debug!(offset = at, ?delay, "object write got ENOBUFS, retrying");
                         std::thread::sleep(delay);
                     }
-                    None => {
-                        return Err(Error::Write {
-                            offset: at,
-                            source: nix::errno::Errno::ENOBUFS.into(),
-                        })
-                    }
+                    None => return Err(Error::Write { offset: at, source: nix::errno::Errno::ENOBUFS.into() }),
                 },
-                Err(e) => {
-                    return Err(Error::Write {
-                        offset: at,
-                        source: e.into(),
-                    })
-                }
+                Err(e) => return Err(Error::Write { offset: at, source: e.into() }),
             }
         }
         Ok(())
@@ -425,8 +367,7 @@ impl ObjectFd {
     /// Tells the kernel that READ `msg_id` is done. If the range was not fully written, the reader gets
     /// EIO: this is also how a READ is failed.
     pub fn read_complete(&self, msg_id: u32) -> Result<(), Error> {
-        sys::cachefiles::read_complete(self.0.as_fd(), msg_id)
-            .map_err(|source| Error::ReadComplete { msg_id, source })
+        sys::cachefiles::read_complete(self.0.as_fd(), msg_id).map_err(|source| Error::ReadComplete { msg_id, source })
     }
 }
 
@@ -462,9 +403,7 @@ mod tests {
         let err = Device::open_path(Path::new("/nonexistent/cachefiles")).unwrap_err();
         assert!(matches!(err, Error::NoDevice));
         assert!(err.to_string().contains("CONFIG_CACHEFILES"));
-        assert!(Error::NoOndemand
-            .to_string()
-            .contains("CONFIG_CACHEFILES_ONDEMAND"));
+        assert!(Error::NoOndemand.to_string().contains("CONFIG_CACHEFILES_ONDEMAND"));
     }
 
     #[test]
@@ -472,15 +411,9 @@ mod tests {
         let tmp = tempfile::tempfile().unwrap();
         let obj = ObjectFd::from_owned_fd(tmp.into());
         let mut buf = AlignedBuf::zeroed(100);
-        assert!(matches!(
-            obj.write_blocks(0, &buf),
-            Err(Error::Unaligned { .. })
-        ));
+        assert!(matches!(obj.write_blocks(0, &buf), Err(Error::Unaligned { .. })));
         buf.pad_to_block();
-        assert!(matches!(
-            obj.write_blocks(512, &buf),
-            Err(Error::Unaligned { .. })
-        ));
+        assert!(matches!(obj.write_blocks(512, &buf), Err(Error::Unaligned { .. })));
         obj.write_blocks(8192, &buf).unwrap();
     }
 
@@ -491,45 +424,20 @@ mod tests {
         let fd: OwnedFd = file.into();
         let raw = fd.as_raw_fd();
         let mut msg = Vec::new();
-        for x in [
-            4u32,
-            proto::opcode::OPEN,
-            34,
-            1,
-            1,
-            1,
-            u32::try_from(raw).unwrap(),
-            0,
-        ] {
+        for x in [4u32, proto::opcode::OPEN, 34, 1, 1, 1, u32::try_from(raw).unwrap(), 0] {
             msg.extend_from_slice(&x.to_ne_bytes());
         }
         msg.extend_from_slice(b"vc");
         let err = request_from_bytes(&msg, Some(Ok(fd))).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                Error::Malformed {
-                    msg_id: Some(4),
-                    opcode: Some(0),
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, Error::Malformed { msg_id: Some(4), opcode: Some(0), .. }), "{err}");
         // the fd number is free again
-        assert_eq!(
-            nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFD),
-            Err(nix::errno::Errno::EBADF)
-        );
+        assert_eq!(nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFD), Err(nix::errno::Errno::EBADF));
     }
 
     #[test]
     fn backoff_is_bounded() {
         let total: Duration = (0..).map_while(enobufs_backoff).sum();
-        assert!(
-            total < Duration::from_secs(2) && total > Duration::from_millis(100),
-            "{total:?}"
-        );
+        assert!(total < Duration::from_secs(2) && total > Duration::from_millis(100), "{total:?}");
     }
 
     #[test]
@@ -537,15 +445,9 @@ mod tests {
         // Without a cachefiles device, use /dev/null as the "device": inuse/cull writes succeed there.
         let dir = tempfile::tempdir().unwrap();
         let before = std::env::current_dir().unwrap();
-        let null = std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/null")
-            .unwrap();
+        let null = std::fs::OpenOptions::new().write(true).open("/dev/null").unwrap();
         let dev = Device::from_owned_fd(null.into());
-        assert_eq!(
-            dev.cull(dir.path(), OsStr::new("Dabc")).unwrap(),
-            CullOutcome::Culled
-        );
+        assert_eq!(dev.cull(dir.path(), OsStr::new("Dabc")).unwrap(), CullOutcome::Culled);
         assert_eq!(std::env::current_dir().unwrap(), before);
         assert!(dev.cull(dir.path(), OsStr::new("a/b")).is_err());
     }

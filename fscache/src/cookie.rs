@@ -96,14 +96,8 @@ pub fn object_file_name(cookie_key: &[u8]) -> Result<String, CookieError> {
         return Ok(name);
     }
     let words = padded(cookie_key, false);
-    let be: Vec<u32> = words
-        .chunks_exact(4)
-        .map(|w| u32::from_be_bytes([w[0], w[1], w[2], w[3]]))
-        .collect();
-    let le: Vec<u32> = words
-        .chunks_exact(4)
-        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
-        .collect();
+    let be: Vec<u32> = words.chunks_exact(4).map(|w| u32::from_be_bytes([w[0], w[1], w[2], w[3]])).collect();
+    let le: Vec<u32> = words.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
     let nbe: usize = be.iter().map(|&x| 1 + hex_digits(x)).sum();
     let nle: usize = le.iter().map(|&x| 1 + hex_digits(x)).sum();
     let b64_groups = n.div_ceil(3);
@@ -145,19 +139,10 @@ pub fn object_path(volume_key: &[u8], cookie_key: &[u8]) -> Result<PathBuf, Cook
     let volume = std::str::from_utf8(volume_key)
         .ok()
         .filter(|v| !v.contains('/') && !v.contains('\0'))
-        .ok_or_else(|| {
-            CookieError::VolumeKeyName(String::from_utf8_lossy(volume_key).into_owned())
-        })?;
+        .ok_or_else(|| CookieError::VolumeKeyName(String::from_utf8_lossy(volume_key).into_owned()))?;
     let fanout = cookie_key_hash(vhash, cookie_key) & 0xff;
     let file = object_file_name(cookie_key)?;
-    Ok([
-        "cache",
-        &format!("I{volume}"),
-        &format!("@{fanout:02x}"),
-        &file,
-    ]
-    .iter()
-    .collect())
+    Ok(["cache", &format!("I{volume}"), &format!("@{fanout:02x}"), &file].iter().collect())
 }
 
 #[cfg(test)]
@@ -184,10 +169,7 @@ mod tests {
         let tag = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
         let p = object_path(b"erofs,d1", tag.as_bytes()).unwrap();
         assert_eq!(p, PathBuf::from(format!("cache/Ierofs,d1/@88/D{tag}")));
-        assert_eq!(
-            object_path(b"erofs,d1", b"img").unwrap(),
-            PathBuf::from("cache/Ierofs,d1/@64/Dimg")
-        );
+        assert_eq!(object_path(b"erofs,d1", b"img").unwrap(), PathBuf::from("cache/Ierofs,d1/@64/Dimg"));
         assert!(object_path(b"erofs,a/b", b"img").is_err());
         assert!(object_path(b"", b"img").is_err());
     }
@@ -197,14 +179,8 @@ mod tests {
         // Expected names from the kernel's cachefiles_cook_key() compiled in userspace.
         // A space makes the key unprintable; one word of hex (9 or 7 chars) loses to base64 (6).
         assert_eq!(object_file_name(b"a b").unwrap(), "E0x1yo");
-        assert_eq!(
-            object_file_name(&[0xff, 0xfe, 1, 2, 3]).unwrap(),
-            "E1-Xv02c00"
-        );
-        assert_eq!(
-            object_file_name(&[0x10, 0x20, 0x30, 0, 0, 0, 0x7f]).unwrap(),
-            "E2g02c0000-100"
-        );
+        assert_eq!(object_file_name(&[0xff, 0xfe, 1, 2, 3]).unwrap(), "E1-Xv02c00");
+        assert_eq!(object_file_name(&[0x10, 0x20, 0x30, 0, 0, 0, 0x7f]).unwrap(), "E2g02c0000-100");
         // Mostly zero words favour the hex forms: be word 0x00000001 → "S1", le → "T1000000".
         assert_eq!(object_file_name(&[0, 0, 0, 1, 0, 0, 0, 0]).unwrap(), "S1,");
         assert_eq!(object_file_name(&[1, 0, 0, 0, 0, 0, 0, 0]).unwrap(), "T1,");

@@ -112,10 +112,7 @@ mod tests {
     fn rejects_bad_labels_and_too_many_fds() {
         let (a, _b) = UnixStream::pair().unwrap();
         assert!(matches!(send_fds(&a, "", &[]), Err(Error::Label(0))));
-        assert!(matches!(
-            send_fds(&a, &"x".repeat(256), &[]),
-            Err(Error::Label(256))
-        ));
+        assert!(matches!(send_fds(&a, &"x".repeat(256), &[]), Err(Error::Label(256))));
         let f = tempfile::tempfile().unwrap();
         let many: Vec<_> = (0..MAX_FDS + 1).map(|_| f.as_fd()).collect();
         assert!(matches!(send_fds(&a, "x", &many), Err(Error::TooMany(_))));

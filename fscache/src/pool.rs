@@ -22,26 +22,21 @@ impl Pool {
         let mut threads = Vec::new();
         for i in 0..n.max(1) {
             let rx = Arc::clone(&rx);
-            let t = std::thread::Builder::new()
-                .name(format!("{name}-{i}"))
-                .spawn(move || loop {
-                    let job = match rx.lock() {
-                        Ok(rx) => rx.recv(),
-                        Err(_) => return,
-                    };
-                    let Ok(job) = job else { return };
-                    // A panicking job must not take the worker with it; its request is answered by the
-                    // job's drop guard (see the frontends).
-                    if catch_unwind(AssertUnwindSafe(job)).is_err() {
-                        tracing::error!("worker job panicked");
-                    }
-                })?;
+            let t = std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || loop {
+                let job = match rx.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return,
+                };
+                let Ok(job) = job else { return };
+                // A panicking job must not take the worker with it; its request is answered by the
+                // job's drop guard (see the frontends).
+                if catch_unwind(AssertUnwindSafe(job)).is_err() {
+                    tracing::error!("worker job panicked");
+                }
+            })?;
             threads.push(t);
         }
-        Ok(Pool {
-            tx: Some(tx),
-            threads,
-        })
+        Ok(Pool { tx: Some(tx), threads })
     }
 
     /// Queues a job.

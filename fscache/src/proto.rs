@@ -97,33 +97,19 @@ pub enum ProtoError {
     Oversized { got: usize },
     /// The header's `len` disagrees with what `read(2)` returned.
     #[error("cachefiles message {msg_id}: header len {header_len} but {read} bytes read")]
-    LengthMismatch {
-        msg_id: u32,
-        header_len: u32,
-        read: usize,
-    },
+    LengthMismatch { msg_id: u32, header_len: u32, read: usize },
     /// An opcode this daemon does not know.
     #[error("cachefiles message {msg_id}: unknown opcode {opcode}")]
     UnknownOpcode { msg_id: u32, opcode: u32 },
     /// The OPEN key sizes do not add up to the payload, or exceed the kernel's bounds.
     #[error("cachefiles OPEN {msg_id}: volume key {volume} + cookie key {cookie} bytes vs payload {payload}")]
-    KeySizes {
-        msg_id: u32,
-        volume: u32,
-        cookie: u32,
-        payload: usize,
-    },
+    KeySizes { msg_id: u32, volume: u32, cookie: u32, payload: usize },
     /// The volume key lacks its trailing NUL or has an embedded one.
     #[error("cachefiles OPEN {msg_id}: volume key is not a NUL-terminated string")]
     VolumeKey { msg_id: u32 },
     /// A CLOSE or READ with a payload of the wrong size.
     #[error("cachefiles message {msg_id} (opcode {opcode}): payload of {payload} bytes, expected {expected}")]
-    Payload {
-        msg_id: u32,
-        opcode: u32,
-        payload: usize,
-        expected: usize,
-    },
+    Payload { msg_id: u32, opcode: u32, payload: usize, expected: usize },
     /// A READ whose range overflows 64 bits.
     #[error("cachefiles READ {msg_id}: range {off}+{len} overflows")]
     ReadRange { msg_id: u32, off: u64, len: u64 },
@@ -197,45 +183,25 @@ pub fn parse(buf: &[u8]) -> Result<Message<'_>, ProtoError> {
     if buf.len() > MSG_MAX_SIZE {
         return Err(ProtoError::Oversized { got: buf.len() });
     }
-    let (raw, payload) = RawHeader::read_from_prefix(buf).map_err(|_| ProtoError::Short {
-        need: HEADER_LEN,
-        got: buf.len(),
-    })?;
-    let header = Header {
-        msg_id: raw.msg_id.get(),
-        object_id: raw.object_id.get(),
-    };
+    let (raw, payload) =
+        RawHeader::read_from_prefix(buf).map_err(|_| ProtoError::Short { need: HEADER_LEN, got: buf.len() })?;
+    let header = Header { msg_id: raw.msg_id.get(), object_id: raw.object_id.get() };
     let msg_id = header.msg_id;
     if usize::try_from(raw.len.get()).ok() != Some(buf.len()) {
-        return Err(ProtoError::LengthMismatch {
-            msg_id,
-            header_len: raw.len.get(),
-            read: buf.len(),
-        });
+        return Err(ProtoError::LengthMismatch { msg_id, header_len: raw.len.get(), read: buf.len() });
     }
     match raw.opcode.get() {
         opcode::OPEN => parse_open(header, payload).map(Message::Open),
         opcode::CLOSE if payload.is_empty() => Ok(Message::Close(header)),
-        opcode::CLOSE => Err(ProtoError::Payload {
-            msg_id,
-            opcode: opcode::CLOSE,
-            payload: payload.len(),
-            expected: 0,
-        }),
+        opcode::CLOSE => {
+            Err(ProtoError::Payload { msg_id, opcode: opcode::CLOSE, payload: payload.len(), expected: 0 })
+        }
         opcode::READ => {
             let (read, rest) =
-                RawRead::read_from_prefix(payload).map_err(|_| ProtoError::Short {
-                    need: READ_LEN,
-                    got: buf.len(),
-                })?;
+                RawRead::read_from_prefix(payload).map_err(|_| ProtoError::Short { need: READ_LEN, got: buf.len() })?;
             if !rest.is_empty() {
                 let expected = size_of::<RawRead>();
-                return Err(ProtoError::Payload {
-                    msg_id,
-                    opcode: opcode::READ,
-                    payload: payload.len(),
-                    expected,
-                });
+                return Err(ProtoError::Payload { msg_id, opcode: opcode::READ, payload: payload.len(), expected });
             }
             let (off, len) = (read.off.get(), read.len.get());
             if off.checked_add(len).is_none() {
@@ -249,17 +215,10 @@ pub fn parse(buf: &[u8]) -> Result<Message<'_>, ProtoError> {
 
 fn parse_open(header: Header, payload: &[u8]) -> Result<OpenMsg<'_>, ProtoError> {
     let msg_id = header.msg_id;
-    let (raw, keys) = RawOpen::read_from_prefix(payload).map_err(|_| ProtoError::Short {
-        need: OPEN_FIXED_LEN,
-        got: HEADER_LEN + payload.len(),
-    })?;
+    let (raw, keys) = RawOpen::read_from_prefix(payload)
+        .map_err(|_| ProtoError::Short { need: OPEN_FIXED_LEN, got: HEADER_LEN + payload.len() })?;
     let (volume, cookie) = (raw.volume_key_size.get(), raw.cookie_key_size.get());
-    let bad_sizes = ProtoError::KeySizes {
-        msg_id,
-        volume,
-        cookie,
-        payload: keys.len(),
-    };
+    let bad_sizes = ProtoError::KeySizes { msg_id, volume, cookie, payload: keys.len() };
     let (Ok(v), Ok(c)) = (usize::try_from(volume), usize::try_from(cookie)) else {
         return Err(bad_sizes);
     };
@@ -273,13 +232,7 @@ fn parse_open(header: Header, payload: &[u8]) -> Result<OpenMsg<'_>, ProtoError>
     if volume_key.contains(&0) {
         return Err(ProtoError::VolumeKey { msg_id });
     }
-    Ok(OpenMsg {
-        header,
-        volume_key,
-        cookie_key,
-        fd: raw.fd.get(),
-        flags: raw.flags.get(),
-    })
+    Ok(OpenMsg { header, volume_key, cookie_key, fd: raw.fd.get(), flags: raw.flags.get() })
 }
 
 /// The anonymous fd number of a message that claims to be an OPEN with its fixed part complete, even if
@@ -296,9 +249,7 @@ pub fn open_fd_hint(buf: &[u8]) -> Option<u32> {
 
 /// The msg_id and opcode of a message, if at least its header is present (for error replies).
 pub fn header_hint(buf: &[u8]) -> Option<(u32, u32)> {
-    RawHeader::read_from_prefix(buf)
-        .ok()
-        .map(|(h, _)| (h.msg_id.get(), h.opcode.get()))
+    RawHeader::read_from_prefix(buf).ok().map(|(h, _)| (h.msg_id.get(), h.opcode.get()))
 }
 
 /// A command written to `/dev/cachefiles` (one command per `write(2)`).
@@ -342,11 +293,7 @@ impl Command<'_> {
             Command::BindOndemand => out.extend_from_slice(b"bind ondemand"),
             Command::Restore => out.extend_from_slice(b"restore"),
             Command::Inuse(name) | Command::Cull(name) => {
-                let verb: &[u8] = if matches!(self, Command::Inuse(_)) {
-                    b"inuse "
-                } else {
-                    b"cull "
-                };
+                let verb: &[u8] = if matches!(self, Command::Inuse(_)) { b"inuse " } else { b"cull " };
                 let name = checked_arg(name.as_bytes(), true)?;
                 if name.contains(&b'/') || name == b"." || name == b".." {
                     return Err(bad_arg(name, "must be a single directory entry name"));
@@ -370,10 +317,7 @@ impl Command<'_> {
 }
 
 fn bad_arg(arg: &[u8], why: &'static str) -> ProtoError {
-    ProtoError::BadArgument {
-        arg: String::from_utf8_lossy(arg).into_owned(),
-        why,
-    }
+    ProtoError::BadArgument { arg: String::from_utf8_lossy(arg).into_owned(), why }
 }
 
 fn checked_arg(arg: &[u8], single_word: bool) -> Result<&[u8], ProtoError> {
@@ -402,9 +346,7 @@ pub fn erofs_domain(volume_key: &[u8]) -> Option<&str> {
 
 /// The EROFS cookie key as text: the fsid (primary blob) or the device tag (a sha256 hex digest in wisp).
 pub fn erofs_tag(cookie_key: &[u8]) -> Option<&str> {
-    std::str::from_utf8(cookie_key)
-        .ok()
-        .filter(|t| !t.is_empty() && !t.contains('\0'))
+    std::str::from_utf8(cookie_key).ok().filter(|t| !t.is_empty() && !t.contains('\0'))
 }
 
 #[cfg(test)]
@@ -436,16 +378,8 @@ mod tests {
     #[test]
     fn parses_open_with_erofs_keys() {
         let buf = open_msg(3, b"erofs,d1\0", b"0123abcd", 42);
-        let Message::Open(o) = parse(&buf).unwrap() else {
-            panic!("not an OPEN")
-        };
-        assert_eq!(
-            o.header,
-            Header {
-                msg_id: 3,
-                object_id: 7
-            }
-        );
+        let Message::Open(o) = parse(&buf).unwrap() else { panic!("not an OPEN") };
+        assert_eq!(o.header, Header { msg_id: 3, object_id: 7 });
         assert_eq!(o.volume_key, b"erofs,d1");
         assert_eq!(o.cookie_key, b"0123abcd");
         assert_eq!((o.fd, o.flags), (42, 0));
@@ -458,22 +392,12 @@ mod tests {
     fn parses_close_and_read() {
         assert_eq!(
             parse(&header(9, opcode::CLOSE, 16, 5)).unwrap(),
-            Message::Close(Header {
-                msg_id: 9,
-                object_id: 5
-            })
+            Message::Close(Header { msg_id: 9, object_id: 5 })
         );
         let mut buf = header(10, opcode::READ, 32, 5);
         buf.extend_from_slice(&8192u64.to_ne_bytes());
         buf.extend_from_slice(&131072u64.to_ne_bytes());
-        let want = ReadMsg {
-            header: Header {
-                msg_id: 10,
-                object_id: 5,
-            },
-            off: 8192,
-            len: 131072,
-        };
+        let want = ReadMsg { header: Header { msg_id: 10, object_id: 5 }, off: 8192, len: 131072 };
         assert_eq!(parse(&buf).unwrap(), Message::Read(want));
         assert_eq!(open_fd_hint(&buf), None);
     }
@@ -481,27 +405,15 @@ mod tests {
     #[test]
     fn rejects_malformed_messages() {
         assert_eq!(parse(&[0; 8]), Err(ProtoError::Short { need: 16, got: 8 }));
-        assert!(matches!(
-            parse(&[0; 1025]),
-            Err(ProtoError::Oversized { got: 1025 })
-        ));
+        assert!(matches!(parse(&[0; 1025]), Err(ProtoError::Oversized { got: 1025 })));
         // len disagrees with bytes read
-        assert!(matches!(
-            parse(&header(1, opcode::CLOSE, 17, 1)),
-            Err(ProtoError::LengthMismatch { .. })
-        ));
-        assert!(matches!(
-            parse(&header(1, 9, 16, 1)),
-            Err(ProtoError::UnknownOpcode { opcode: 9, .. })
-        ));
+        assert!(matches!(parse(&header(1, opcode::CLOSE, 17, 1)), Err(ProtoError::LengthMismatch { .. })));
+        assert!(matches!(parse(&header(1, 9, 16, 1)), Err(ProtoError::UnknownOpcode { opcode: 9, .. })));
         // CLOSE with payload, READ without
         let mut close = header(1, opcode::CLOSE, 20, 1);
         close.extend_from_slice(&[0; 4]);
         assert!(matches!(parse(&close), Err(ProtoError::Payload { .. })));
-        assert!(matches!(
-            parse(&header(1, opcode::READ, 16, 1)),
-            Err(ProtoError::Short { need: 32, .. })
-        ));
+        assert!(matches!(parse(&header(1, opcode::READ, 16, 1)), Err(ProtoError::Short { need: 32, .. })));
         // READ range overflow
         let mut read = header(1, opcode::READ, 32, 1);
         read.extend_from_slice(&u64::MAX.to_ne_bytes());
@@ -516,21 +428,12 @@ mod tests {
         assert_eq!(parse(&buf), Err(ProtoError::VolumeKey { msg_id: 2 }));
         assert_eq!(open_fd_hint(&buf), Some(11));
         // embedded NUL in volume key
-        assert!(matches!(
-            parse(&open_msg(2, b"ero\0s\0", b"x", 11)),
-            Err(ProtoError::VolumeKey { .. })
-        ));
+        assert!(matches!(parse(&open_msg(2, b"ero\0s\0", b"x", 11)), Err(ProtoError::VolumeKey { .. })));
         // empty volume key
-        assert!(matches!(
-            parse(&open_msg(2, b"", b"x", 11)),
-            Err(ProtoError::KeySizes { .. })
-        ));
+        assert!(matches!(parse(&open_msg(2, b"", b"x", 11)), Err(ProtoError::KeySizes { .. })));
         // cookie key too long
         let long = vec![b'a'; 256];
-        assert!(matches!(
-            parse(&open_msg(2, b"v\0", &long, 11)),
-            Err(ProtoError::KeySizes { .. })
-        ));
+        assert!(matches!(parse(&open_msg(2, b"v\0", &long, 11)), Err(ProtoError::KeySizes { .. })));
         // sizes not matching payload: claim a bigger cookie key than present
         let mut buf = open_msg(2, b"v\0", b"abc", 11);
         buf[20..24].copy_from_slice(&10u32.to_ne_bytes());
@@ -543,51 +446,21 @@ mod tests {
     #[test]
     fn encodes_commands() {
         let enc = |c: Command| String::from_utf8(c.encode().unwrap()).unwrap();
-        assert_eq!(
-            enc(Command::Dir(Path::new("/var/cache/wisp fs"))),
-            "dir /var/cache/wisp fs"
-        );
+        assert_eq!(enc(Command::Dir(Path::new("/var/cache/wisp fs"))), "dir /var/cache/wisp fs");
         assert_eq!(enc(Command::Tag("wisp")), "tag wisp");
         assert_eq!(enc(Command::BindOndemand), "bind ondemand");
         assert_eq!(enc(Command::Restore), "restore");
         assert_eq!(enc(Command::Inuse(OsStr::new("Dabc"))), "inuse Dabc");
         assert_eq!(enc(Command::Cull(OsStr::new("Dabc"))), "cull Dabc");
-        assert_eq!(
-            enc(Command::Copen {
-                msg_id: 5,
-                result: Ok(1 << 33)
-            }),
-            "copen 5,8589934592"
-        );
-        assert_eq!(
-            enc(Command::Copen {
-                msg_id: 5,
-                result: Err(libc::ENOENT)
-            }),
-            "copen 5,-2"
-        );
+        assert_eq!(enc(Command::Copen { msg_id: 5, result: Ok(1 << 33) }), "copen 5,8589934592");
+        assert_eq!(enc(Command::Copen { msg_id: 5, result: Err(libc::ENOENT) }), "copen 5,-2");
     }
 
     #[test]
     fn rejects_bad_command_arguments() {
-        assert!(Command::Copen {
-            msg_id: 1,
-            result: Err(0)
-        }
-        .encode()
-        .is_err());
-        assert!(Command::Copen {
-            msg_id: 1,
-            result: Err(4096)
-        }
-        .encode()
-        .is_err());
-        assert!(Command::Copen {
-            msg_id: 1,
-            result: Err(-5)
-        }
-        .encode()
-        .is_err());
+        assert!(Command::Copen { msg_id: 1, result: Err(0) }.encode().is_err());
+        assert!(Command::Copen { msg_id: 1, result: Err(4096) }.encode().is_err());
+        assert!(Command::Copen { msg_id: 1, result: Err(-5) }.encode().is_err());
         assert!(Command::Cull(OsStr::new("a/b")).encode().is_err());
         assert!(Command::Cull(OsStr::new("..")).encode().is_err());
         assert!(Command::Inuse(OsStr::new("a b")).encode().is_err());

@@ -24,24 +24,13 @@ impl Backend for Objects {
     fn open(&self, key: &ObjectKey<'_>) -> Result<Opened<String>, Errno> {
         assert_eq!(key.domain, "test");
         if key.name == "failing" {
-            return Ok(Opened {
-                object: key.name.into(),
-                size: 10_000,
-            });
+            return Ok(Opened { object: key.name.into(), size: 10_000 });
         }
         let data = self.data.get(key.name).ok_or(Errno::ENOENT)?;
-        Ok(Opened {
-            object: key.name.into(),
-            size: data.len() as u64,
-        })
+        Ok(Opened { object: key.name.into(), size: data.len() as u64 })
     }
 
-    fn fill(
-        &self,
-        object: &String,
-        range: Range<u64>,
-        sink: &mut dyn FillSink,
-    ) -> Result<(), Errno> {
+    fn fill(&self, object: &String, range: Range<u64>, sink: &mut dyn FillSink) -> Result<(), Errno> {
         self.fills.fetch_add(1, Ordering::SeqCst);
         if object == "failing" {
             return Err(Errno::EIO);
@@ -97,18 +86,10 @@ fn fanotify_lazy_fill_end_to_end() {
         Err(why) => return skip_or_fail(&why),
     };
 
-    let big: Vec<u8> = (0..(3u64 << 20) + 123)
-        .map(|i| (i * 7 % 253) as u8)
-        .collect();
+    let big: Vec<u8> = (0..(3u64 << 20) + 123).map(|i| (i * 7 % 253) as u8).collect();
     let small = b"hello, lazy world\n".repeat(100);
-    let data = HashMap::from([
-        ("big".to_owned(), big.clone()),
-        ("small".to_owned(), small.clone()),
-    ]);
-    let backend = Arc::new(Objects {
-        data,
-        fills: AtomicU64::new(0),
-    });
+    let data = HashMap::from([("big".to_owned(), big.clone()), ("small".to_owned(), small.clone())]);
+    let backend = Arc::new(Objects { data, fills: AtomicU64::new(0) });
     let frontend = Arc::new(Frontend::new(group, backend.clone(), "test", 4).unwrap());
 
     let big_path = sparse(dir.path(), "big", big.len() as u64);
@@ -135,11 +116,7 @@ fn fanotify_lazy_fill_end_to_end() {
         assert!(r.join().unwrap().unwrap() == big, "reader saw wrong bytes");
     }
     assert_eq!(read_all(&small_path).unwrap(), small);
-    assert_eq!(
-        backend.fills.load(Ordering::SeqCst),
-        2,
-        "one fill per object"
-    );
+    assert_eq!(backend.fills.load(Ordering::SeqCst), 2, "one fill per object");
 
     // A failing backend: the reader gets an error, not zeros; and a retry asks the backend again.
     let err = read_all(&failing_path).expect_err("read of a failed object must fail");
@@ -151,15 +128,8 @@ fn fanotify_lazy_fill_end_to_end() {
     let before = frontend.stats();
     assert_eq!(read_all(&big_path).unwrap(), big);
     assert_eq!(read_all(&small_path).unwrap(), small);
-    assert_eq!(
-        frontend.stats().events,
-        before.events,
-        "a filled object still raised events"
-    );
-    assert!(
-        before.events >= 4,
-        "expected pre-content events, got {before:?}"
-    );
+    assert_eq!(frontend.stats().events, before.events, "a filled object still raised events");
+    assert!(before.events >= 4, "expected pre-content events, got {before:?}");
     assert_eq!(before.fills, 2);
     assert_eq!(before.failures, 2);
 

@@ -47,12 +47,8 @@ pub fn run(args: Args) -> Result<()> {
             .map_err(anyhow::Error::from)
     })?;
     let size = std::fs::metadata(&args.out)?.len();
-    let mut line = format!(
-        "wisp mkfs: {} inodes, image {} bytes ({} blocks)",
-        walked.tree.inodes.len(),
-        size,
-        size / 4096
-    );
+    let mut line =
+        format!("wisp mkfs: {} inodes, image {} bytes ({} blocks)", walked.tree.inodes.len(), size, size / 4096);
     if let Some(s) = external {
         line += &format!(
             ", {} files -> {} devices, {} new objects ({} bytes)",
@@ -76,7 +72,8 @@ pub(crate) fn write_atomically<T>(path: &Path, f: impl FnOnce(&mut dyn Write) ->
         let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         let value = f(&mut out)?;
-        let file = out.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", tmp.display()))?;
+        let file =
+            out.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", tmp.display()))?;
         file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
         Ok(value)

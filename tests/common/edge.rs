@@ -193,7 +193,9 @@ pub fn make_edge_tree(root: &Path) {
 
     // Ownership and modes.
     fs::create_dir(p("owners")).unwrap();
-    for (name, uid, gid) in [("small", 1000, 1000), ("big-uid", 70_000, 5), ("big-gid", 5, 100_000), ("max", 4_294_967_294, 4_294_967_294)] {
+    for (name, uid, gid) in
+        [("small", 1000, 1000), ("big-uid", 70_000, 5), ("big-gid", 5, 100_000), ("max", 4_294_967_294, 4_294_967_294)]
+    {
         let f = p(&format!("owners/{name}"));
         write(&f, name.as_bytes());
         chown(&f, uid, gid);
@@ -201,7 +203,9 @@ pub fn make_edge_tree(root: &Path) {
     std::os::unix::fs::symlink("small", p("owners/symlink-owned")).unwrap();
     chown(&p("owners/symlink-owned"), 80_000, 80_001);
     fs::create_dir(p("modes")).unwrap();
-    for (name, mode) in [("suid", 0o4755), ("sgid", 0o2755), ("none", 0o000), ("all", 0o777), ("suid-sgid-sticky", 0o7777)] {
+    for (name, mode) in
+        [("suid", 0o4755), ("sgid", 0o2755), ("none", 0o000), ("all", 0o777), ("suid-sgid-sticky", 0o7777)]
+    {
         let f = p(&format!("modes/{name}"));
         write(&f, name.as_bytes());
         fs::set_permissions(&f, fs::Permissions::from_mode(mode)).unwrap();

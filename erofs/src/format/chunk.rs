@@ -5,19 +5,7 @@ use zerocopy::little_endian::{U16, U32};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// `struct erofs_inode_chunk_index`. `blkaddr == NULL_ADDR` is a hole.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    Immutable,
-    KnownLayout,
-    Unaligned,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
 #[repr(C)]
 pub struct ChunkIndex {
     /// Unused by 6.1 (`startblk_hi` with 48-bit layouts).
@@ -38,11 +26,7 @@ mod tests {
         assert_eq!(offset_of!(ChunkIndex, advise), 0);
         assert_eq!(offset_of!(ChunkIndex, device_id), 2);
         assert_eq!(offset_of!(ChunkIndex, blkaddr), 4);
-        let c = ChunkIndex {
-            advise: 0.into(),
-            device_id: 3.into(),
-            blkaddr: super::super::NULL_ADDR.into(),
-        };
+        let c = ChunkIndex { advise: 0.into(), device_id: 3.into(), blkaddr: super::super::NULL_ADDR.into() };
         assert_eq!(c.as_bytes(), &[0, 0, 3, 0, 0xff, 0xff, 0xff, 0xff]);
     }
 }

@@ -5,9 +5,7 @@ use zerocopy::little_endian::U32;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// `struct erofs_deviceslot` (6.1 names).
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
 #[repr(C)]
 pub struct DeviceSlot {
     pub tag: [u8; 64],
@@ -21,12 +19,7 @@ const _: () = assert!(size_of::<DeviceSlot>() == 128);
 
 impl Default for DeviceSlot {
     fn default() -> Self {
-        DeviceSlot {
-            tag: [0; 64],
-            blocks: 0.into(),
-            mapped_blkaddr: 0.into(),
-            reserved: [0; 56],
-        }
+        DeviceSlot { tag: [0; 64], blocks: 0.into(), mapped_blkaddr: 0.into(), reserved: [0; 56] }
     }
 }
 

@@ -7,19 +7,7 @@ use zerocopy::little_endian::{U16, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// `struct erofs_dirent`.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    Immutable,
-    KnownLayout,
-    Unaligned,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
 #[repr(C)]
 pub struct Dirent {
     pub nid: U64,
@@ -41,12 +29,7 @@ mod tests {
         assert_eq!(offset_of!(Dirent, nameoff), 8);
         assert_eq!(offset_of!(Dirent, file_type), 10);
         assert_eq!(offset_of!(Dirent, reserved), 11);
-        let d = Dirent {
-            nid: 0x0102.into(),
-            nameoff: 24.into(),
-            file_type: 2,
-            reserved: 0,
-        };
+        let d = Dirent { nid: 0x0102.into(), nameoff: 24.into(), file_type: 2, reserved: 0 };
         assert_eq!(d.as_bytes(), &[2, 1, 0, 0, 0, 0, 0, 0, 24, 0, 2, 0]);
     }
 }

@@ -19,9 +19,9 @@ pub use dirent::Dirent;
 pub use inode::{chunk_format_of, InodeCompact, InodeExtended};
 pub use superblock::SuperBlock;
 pub use xattr::{
-    join_xattr_name, split_xattr_name, xattr_entry_size, XattrEntry, XattrIbodyHeader,
-    XATTR_INDEX_LUSTRE, XATTR_INDEX_POSIX_ACL_ACCESS, XATTR_INDEX_POSIX_ACL_DEFAULT,
-    XATTR_INDEX_SECURITY, XATTR_INDEX_TRUSTED, XATTR_INDEX_USER,
+    join_xattr_name, split_xattr_name, xattr_entry_size, XattrEntry, XattrIbodyHeader, XATTR_INDEX_LUSTRE,
+    XATTR_INDEX_POSIX_ACL_ACCESS, XATTR_INDEX_POSIX_ACL_DEFAULT, XATTR_INDEX_SECURITY, XATTR_INDEX_TRUSTED,
+    XATTR_INDEX_USER,
 };
 
 /// log2 of the only block size this crate writes (and the page size fscache mode requires in 6.1).
@@ -58,8 +58,7 @@ pub const FEATURE_INCOMPAT_DEVICE_TABLE: u32 = 0x8;
 /// Every `feature_incompat` bit a 6.1 kernel knows; others make the mount fail.
 pub const FEATURE_INCOMPAT_ALL_6_1: u32 = 0x3F;
 /// The incompat bits this crate's reader supports (no compression).
-pub const FEATURE_INCOMPAT_SUPPORTED: u32 =
-    FEATURE_INCOMPAT_CHUNKED_FILE | FEATURE_INCOMPAT_DEVICE_TABLE;
+pub const FEATURE_INCOMPAT_SUPPORTED: u32 = FEATURE_INCOMPAT_CHUNKED_FILE | FEATURE_INCOMPAT_DEVICE_TABLE;
 
 /// `i_format` bit 0: extended (64-byte) inode.
 pub const I_VERSION_EXTENDED: u16 = 0x1;
@@ -144,10 +143,7 @@ pub fn decode_rdev(dev: u32) -> (u32, u32) {
 
 /// Splits an `i_format` into (extended?, datalayout).
 pub fn split_i_format(i_format: u16) -> (bool, u16) {
-    (
-        i_format & I_VERSION_EXTENDED != 0,
-        (i_format >> I_DATALAYOUT_BIT) & 0x7,
-    )
+    (i_format & I_VERSION_EXTENDED != 0, (i_format >> I_DATALAYOUT_BIT) & 0x7)
 }
 
 /// Builds an `i_format` from (extended?, datalayout).
@@ -172,14 +168,7 @@ mod tests {
 
     #[test]
     fn rdev_round_trips() {
-        for (ma, mi) in [
-            (0, 0),
-            (1, 3),
-            (8, 1),
-            (4095, 0xfffff),
-            (259, 65536),
-            (10, 256),
-        ] {
+        for (ma, mi) in [(0, 0), (1, 3), (8, 1), (4095, 0xfffff), (259, 65536), (10, 256)] {
             let d = encode_rdev(ma, mi).unwrap();
             assert_eq!(decode_rdev(d), (ma, mi));
         }

@@ -4,19 +4,7 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// `struct erofs_super_block` with 6.1 field names.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    Immutable,
-    KnownLayout,
-    Unaligned,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
 #[repr(C)]
 pub struct SuperBlock {
     pub magic: U32,
@@ -93,11 +81,7 @@ mod tests {
 
     #[test]
     fn little_endian_bytes() {
-        let sb = SuperBlock {
-            magic: super::super::MAGIC.into(),
-            root_nid: 0x1234.into(),
-            ..Default::default()
-        };
+        let sb = SuperBlock { magic: super::super::MAGIC.into(), root_nid: 0x1234.into(), ..Default::default() };
         let b = sb.as_bytes();
         assert_eq!(&b[0..4], &[0xE2, 0xE1, 0xF5, 0xE0]);
         assert_eq!(&b[14..16], &[0x34, 0x12]);

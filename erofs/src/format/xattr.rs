@@ -9,19 +9,7 @@ use zerocopy::little_endian::{U16, U32};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// `struct erofs_xattr_ibody_header`.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    Immutable,
-    KnownLayout,
-    Unaligned,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
 #[repr(C)]
 pub struct XattrIbodyHeader {
     /// Reserved in 6.1 (a name bloom filter in newer kernels, where 0 bits mean "maybe present").
@@ -32,19 +20,7 @@ pub struct XattrIbodyHeader {
 const _: () = assert!(size_of::<XattrIbodyHeader>() == 12);
 
 /// `struct erofs_xattr_entry`, followed by `e_name_len` name bytes and `e_value_size` value bytes.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    Immutable,
-    KnownLayout,
-    Unaligned,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
 #[repr(C)]
 pub struct XattrEntry {
     pub e_name_len: u8,
@@ -68,16 +44,8 @@ pub const XATTR_INDEX_SECURITY: u8 = 6;
 /// (index, full-name prefix, whether the prefix is the whole name).
 const PREFIXES: [(u8, &[u8], bool); 5] = [
     (XATTR_INDEX_USER, b"user.", false),
-    (
-        XATTR_INDEX_POSIX_ACL_ACCESS,
-        b"system.posix_acl_access",
-        true,
-    ),
-    (
-        XATTR_INDEX_POSIX_ACL_DEFAULT,
-        b"system.posix_acl_default",
-        true,
-    ),
+    (XATTR_INDEX_POSIX_ACL_ACCESS, b"system.posix_acl_access", true),
+    (XATTR_INDEX_POSIX_ACL_DEFAULT, b"system.posix_acl_default", true),
     (XATTR_INDEX_TRUSTED, b"trusted.", false),
     (XATTR_INDEX_SECURITY, b"security.", false),
 ];
@@ -91,11 +59,7 @@ pub fn split_xattr_name(name: &[u8]) -> Option<(u8, &[u8])> {
                 return Some((index, &[]));
             }
         } else if let Some(rest) = name.strip_prefix(prefix) {
-            return if rest.is_empty() {
-                None
-            } else {
-                Some((index, rest))
-            };
+            return if rest.is_empty() { None } else { Some((index, rest)) };
         }
     }
     None
@@ -147,12 +111,7 @@ mod tests {
             (b"", None),
         ];
         for (name, want) in table {
-            assert_eq!(
-                split_xattr_name(name),
-                want,
-                "{}",
-                String::from_utf8_lossy(name)
-            );
+            assert_eq!(split_xattr_name(name), want, "{}", String::from_utf8_lossy(name));
             if let Some((i, s)) = want {
                 assert_eq!(join_xattr_name(i, s).as_deref(), Some(name));
             }
@@ -166,9 +125,6 @@ mod tests {
     fn entry_sizes() {
         assert_eq!(xattr_entry_size(0, 0), 4);
         assert_eq!(xattr_entry_size(1, 0), 8);
-        assert_eq!(
-            xattr_entry_size(10, 65535),
-            (4 + 10 + 65535usize).div_ceil(4) * 4
-        );
+        assert_eq!(xattr_entry_size(10, 65535), (4 + 10 + 65535usize).div_ceil(4) * 4);
     }
 }

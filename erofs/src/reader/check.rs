@@ -8,8 +8,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::{corrupt, Image, InodeInfo, ReadAt, ReadError};
 use crate::format::{
-    file_type_of_mode, BLOCK_SIZE, FT_DIR, LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, NULL_ADDR,
-    S_IFDIR, S_IFLNK, S_IFREG,
+    file_type_of_mode, BLOCK_SIZE, FT_DIR, LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, NULL_ADDR, S_IFDIR, S_IFLNK, S_IFREG,
 };
 
 /// What `check` walked.
@@ -39,38 +38,21 @@ impl<R: ReadAt> Image<R> {
     /// Checks the whole image; the first problem found is returned as an error naming the nid and byte
     /// offset.
     pub fn check(&self) -> Result<CheckReport, ReadError> {
-        let mut report = CheckReport {
-            devices: self.devices.len() as u64,
-            ..Default::default()
-        };
+        let mut report = CheckReport { devices: self.devices.len() as u64, ..Default::default() };
         let mut shared_seen: HashSet<u32> = HashSet::new();
         for (i, d) in self.devices.iter().enumerate() {
             if d.tag[0] == 0 {
-                return Err(ReadError::Superblock {
-                    reason: format!("device {} has an empty tag", i + 1),
-                });
+                return Err(ReadError::Superblock { reason: format!("device {} has an empty tag", i + 1) });
             }
         }
         let root_nid = self.root_nid();
         let root = self.inode(root_nid)?;
         if root.file_type() != S_IFDIR {
-            return Err(ReadError::WrongType {
-                nid: root_nid,
-                expected: "directory (root)",
-            });
+            return Err(ReadError::WrongType { nid: root_nid, expected: "directory (root)" });
         }
         self.check_inode(&root, &mut report, &mut shared_seen)?;
         let mut seen: HashMap<u64, Seen> = HashMap::new();
-        seen.insert(
-            root_nid,
-            Seen {
-                offset: root.offset,
-                is_dir: true,
-                nlink: root.nlink,
-                links: 0,
-                subdirs: 0,
-            },
-        );
+        seen.insert(root_nid, Seen { offset: root.offset, is_dir: true, nlink: root.nlink, links: 0, subdirs: 0 });
         let mut queue = VecDeque::from([(root, root_nid)]);
         while let Some((dir, parent)) = queue.pop_front() {
             let entries = self.read_dir(&dir)?;
@@ -78,38 +60,22 @@ impl<R: ReadAt> Image<R> {
             for (k, e) in entries.iter().enumerate() {
                 let at = e.pos;
                 if k > 0 && entries[k - 1].name >= e.name {
-                    return Err(corrupt(
-                        dir.nid,
-                        at,
-                        "directory entries not strictly sorted by bytes",
-                    ));
+                    return Err(corrupt(dir.nid, at, "directory entries not strictly sorted by bytes"));
                 }
                 if e.name.contains(&b'/') || e.name.contains(&0) {
                     return Err(corrupt(dir.nid, at, "name contains `/` or NUL"));
                 }
                 if e.name == b"." || e.name == b".." {
-                    let (want, which) = if e.name == b"." {
-                        (dir.nid, &mut dot)
-                    } else {
-                        (parent, &mut dotdot)
-                    };
+                    let (want, which) = if e.name == b"." { (dir.nid, &mut dot) } else { (parent, &mut dotdot) };
                     if e.nid != want {
                         return Err(corrupt(
                             dir.nid,
                             at,
-                            format!(
-                                "`{}` names nid {} instead of {want}",
-                                String::from_utf8_lossy(&e.name),
-                                e.nid
-                            ),
+                            format!("`{}` names nid {} instead of {want}", String::from_utf8_lossy(&e.name), e.nid),
                         ));
                     }
                     if e.file_type != FT_DIR {
-                        return Err(corrupt(
-                            dir.nid,
-                            at,
-                            "`.`/`..` without the directory file type",
-                        ));
+                        return Err(corrupt(dir.nid, at, "`.`/`..` without the directory file type"));
                     }
                     *which = true;
                     continue;
@@ -132,27 +98,14 @@ impl<R: ReadAt> Image<R> {
                 check_file_type(&dir, at, e.file_type, &ino)?;
                 self.check_inode(&ino, &mut report, &mut shared_seen)?;
                 let is_dir = ino.file_type() == S_IFDIR;
-                seen.insert(
-                    e.nid,
-                    Seen {
-                        offset: ino.offset,
-                        is_dir,
-                        nlink: ino.nlink,
-                        links: 1,
-                        subdirs: 0,
-                    },
-                );
+                seen.insert(e.nid, Seen { offset: ino.offset, is_dir, nlink: ino.nlink, links: 1, subdirs: 0 });
                 if is_dir {
                     subdirs += 1;
                     queue.push_back((ino, dir.nid));
                 }
             }
             if !dot || !dotdot {
-                return Err(corrupt(
-                    dir.nid,
-                    dir.offset,
-                    "directory without `.` or `..`",
-                ));
+                return Err(corrupt(dir.nid, dir.offset, "directory without `.` or `..`"));
             }
             if let Some(s) = seen.get_mut(&dir.nid) {
                 s.subdirs = subdirs;
@@ -164,10 +117,7 @@ impl<R: ReadAt> Image<R> {
                 return Err(corrupt(
                     nid,
                     s.offset,
-                    format!(
-                        "nlink {} but {want} expected from the directory entries",
-                        s.nlink
-                    ),
+                    format!("nlink {} but {want} expected from the directory entries", s.nlink),
                 ));
             }
         }
@@ -188,11 +138,7 @@ impl<R: ReadAt> Image<R> {
             S_IFDIR => report.directories += 1,
             S_IFREG => report.regular_files += 1,
             S_IFLNK if ino.size == 0 || ino.size > 4095 => {
-                return Err(corrupt(
-                    nid,
-                    ino.offset,
-                    format!("symlink target of {} bytes", ino.size),
-                ));
+                return Err(corrupt(nid, ino.offset, format!("symlink target of {} bytes", ino.size)));
             }
             _ => {}
         }
@@ -200,11 +146,7 @@ impl<R: ReadAt> Image<R> {
             return Ok(());
         }
         if ty == S_IFDIR && ino.size == 0 {
-            return Err(corrupt(
-                nid,
-                ino.offset,
-                "empty directory data (no `.` and `..`)",
-            ));
+            return Err(corrupt(nid, ino.offset, "empty directory data (no `.` and `..`)"));
         }
         let blocks = u64::from(self.sb.blocks.get());
         if ino.layout == LAYOUT_CHUNK_BASED {
@@ -227,7 +169,11 @@ impl<R: ReadAt> Image<R> {
                     u64::from(d.blocks)
                 };
                 if end > limit {
-                    return Err(corrupt(nid, at, format!("chunk {i} (blocks {blkaddr}..{end}) beyond device {device}'s {limit} blocks")));
+                    return Err(corrupt(
+                        nid,
+                        at,
+                        format!("chunk {i} (blocks {blkaddr}..{end}) beyond device {device}'s {limit} blocks"),
+                    ));
                 }
                 Ok(())
             })?;
@@ -242,11 +188,7 @@ impl<R: ReadAt> Image<R> {
                 return Err(corrupt(
                     nid,
                     ino.offset,
-                    format!(
-                        "data blocks {}..{} beyond the image's {blocks}",
-                        ino.i_u,
-                        u64::from(ino.i_u) + flat
-                    ),
+                    format!("data blocks {}..{} beyond the image's {blocks}", ino.i_u, u64::from(ino.i_u) + flat),
                 ));
             }
             if inline && ino.size > 0 {
@@ -264,22 +206,10 @@ impl<R: ReadAt> Image<R> {
     }
 }
 
-fn check_file_type(
-    dir: &InodeInfo,
-    at: u64,
-    file_type: u8,
-    ino: &InodeInfo,
-) -> Result<(), ReadError> {
+fn check_file_type(dir: &InodeInfo, at: u64, file_type: u8, ino: &InodeInfo) -> Result<(), ReadError> {
     let want = file_type_of_mode(ino.mode).unwrap_or(0);
     if file_type != want {
-        return Err(corrupt(
-            dir.nid,
-            at,
-            format!(
-                "dirent file type {file_type} but nid {} has type {want}",
-                ino.nid
-            ),
-        ));
+        return Err(corrupt(dir.nid, at, format!("dirent file type {file_type} but nid {} has type {want}", ino.nid)));
     }
     Ok(())
 }

@@ -33,10 +33,7 @@ impl<R: ReadAt> Image<R> {
         mut f: impl FnMut(u64, &[u8]) -> Result<(), ReadError>,
     ) -> Result<(), ReadError> {
         if ino.file_type() != S_IFDIR {
-            return Err(ReadError::WrongType {
-                nid: ino.nid,
-                expected: "directory",
-            });
+            return Err(ReadError::WrongType { nid: ino.nid, expected: "directory" });
         }
         let mut block = vec![0u8; crate::format::BLOCK_BYTES];
         let mut start = 0u64;
@@ -53,34 +50,17 @@ impl<R: ReadAt> Image<R> {
     }
 }
 
-fn parse_block(
-    ino: &InodeInfo,
-    block_start: u64,
-    block: &[u8],
-    out: &mut Vec<RawDirent>,
-) -> Result<(), ReadError> {
+fn parse_block(ino: &InodeInfo, block_start: u64, block: &[u8], out: &mut Vec<RawDirent>) -> Result<(), ReadError> {
     let nid = ino.nid;
-    let bad = |off: usize, reason: String| {
-        corrupt(
-            nid,
-            block_start + off as u64,
-            format!("directory data: {reason}"),
-        )
-    };
-    let (first, _) = Dirent::read_from_prefix(block)
-        .map_err(|_| bad(0, "block shorter than one dirent".into()))?;
+    let bad = |off: usize, reason: String| corrupt(nid, block_start + off as u64, format!("directory data: {reason}"));
+    let (first, _) = Dirent::read_from_prefix(block).map_err(|_| bad(0, "block shorter than one dirent".into()))?;
     let nameoff0 = usize::from(first.nameoff.get());
-    if nameoff0 == 0
-        || nameoff0 % 12 != 0
-        || nameoff0 >= crate::format::BLOCK_BYTES
-        || nameoff0 > block.len()
-    {
+    if nameoff0 == 0 || nameoff0 % 12 != 0 || nameoff0 >= crate::format::BLOCK_BYTES || nameoff0 > block.len() {
         return Err(bad(0, format!("invalid de[0].nameoff {nameoff0}")));
     }
     let count = nameoff0 / 12;
     for i in 0..count {
-        let d = Dirent::read_from_bytes(&block[i * 12..i * 12 + 12])
-            .map_err(|_| bad(i * 12, "short dirent".into()))?;
+        let d = Dirent::read_from_bytes(&block[i * 12..i * 12 + 12]).map_err(|_| bad(i * 12, "short dirent".into()))?;
         let nameoff = usize::from(d.nameoff.get());
         let end = if i + 1 < count {
             let next = Dirent::read_from_bytes(&block[(i + 1) * 12..(i + 2) * 12])
@@ -88,19 +68,9 @@ fn parse_block(
             usize::from(next.nameoff.get())
         } else {
             if nameoff >= block.len() {
-                return Err(bad(
-                    i * 12,
-                    format!(
-                        "last nameoff {nameoff} beyond the block's {} bytes",
-                        block.len()
-                    ),
-                ));
+                return Err(bad(i * 12, format!("last nameoff {nameoff} beyond the block's {} bytes", block.len())));
             }
-            nameoff
-                + block[nameoff..]
-                    .iter()
-                    .position(|&b| b == 0)
-                    .unwrap_or(block.len() - nameoff)
+            nameoff + block[nameoff..].iter().position(|&b| b == 0).unwrap_or(block.len() - nameoff)
         };
         if nameoff < nameoff0 || end < nameoff || end > block.len() {
             return Err(bad(i * 12, format!("name range {nameoff}..{end} invalid")));
@@ -112,14 +82,8 @@ fn parse_block(
         // Names must ascend strictly across the whole directory (the kernel's lookup depends on it).
         // Checking while parsing also stops images whose blocks repeat (e.g. many chunks naming the same
         // block) from growing the entry list without bound.
-        if out
-            .last()
-            .is_some_and(|prev: &RawDirent| prev.name.as_slice() >= &block[nameoff..end])
-        {
-            return Err(bad(
-                i * 12,
-                "directory entries not strictly sorted by bytes".into(),
-            ));
+        if out.last().is_some_and(|prev: &RawDirent| prev.name.as_slice() >= &block[nameoff..end]) {
+            return Err(bad(i * 12, "directory entries not strictly sorted by bytes".into()));
         }
         out.push(RawDirent {
             name: block[nameoff..end].to_vec(),

@@ -4,10 +4,9 @@ use zerocopy::FromBytes;
 
 use super::{corrupt, Image, ReadAt, ReadError};
 use crate::format::{
-    chunk_format_of, file_type_of_mode, split_i_format, time_from_disk, xattr_ibody_size,
-    ChunkIndex, InodeCompact, InodeExtended, BLOCK_BITS, BLOCK_SIZE, CHUNK_FORMAT_ALL_6_1,
-    CHUNK_FORMAT_BLKBITS_MASK, CHUNK_FORMAT_INDEXES, ISLOT_SIZE, I_ALL_6_1, LAYOUT_CHUNK_BASED,
-    LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN, NULL_ADDR,
+    chunk_format_of, file_type_of_mode, split_i_format, time_from_disk, xattr_ibody_size, ChunkIndex, InodeCompact,
+    InodeExtended, BLOCK_BITS, BLOCK_SIZE, CHUNK_FORMAT_ALL_6_1, CHUNK_FORMAT_BLKBITS_MASK, CHUNK_FORMAT_INDEXES,
+    ISLOT_SIZE, I_ALL_6_1, LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN, NULL_ADDR,
 };
 
 /// A parsed on-disk inode (compact or extended, fields widened).
@@ -55,8 +54,7 @@ impl InodeInfo {
     }
 
     pub fn chunk_bits(&self) -> u8 {
-        BLOCK_BITS
-            + u8::try_from(chunk_format_of(self.i_u) & CHUNK_FORMAT_BLKBITS_MASK).unwrap_or(0)
+        BLOCK_BITS + u8::try_from(chunk_format_of(self.i_u) & CHUNK_FORMAT_BLKBITS_MASK).unwrap_or(0)
     }
 }
 
@@ -90,22 +88,17 @@ impl<R: ReadAt> Image<R> {
         let mut raw = [0u8; 64];
         let len = if self.limit - offset >= 64 { 64 } else { 32 };
         self.read_meta(nid, &mut raw[..len], offset)?;
-        let compact = InodeCompact::read_from_bytes(&raw[..32])
-            .map_err(|_| corrupt(nid, offset, "short inode"))?;
+        let compact = InodeCompact::read_from_bytes(&raw[..32]).map_err(|_| corrupt(nid, offset, "short inode"))?;
         let i_format = compact.i_format.get();
         if i_format & !I_ALL_6_1 != 0 {
-            return Err(ReadError::Unsupported {
-                nid,
-                what: format!("i_format {i_format:#x}"),
-            });
+            return Err(ReadError::Unsupported { nid, what: format!("i_format {i_format:#x}") });
         }
         let (extended, layout) = split_i_format(i_format);
         let info = if extended {
             if len < 64 {
                 return Err(corrupt(nid, offset, "extended inode past the image end"));
             }
-            let e = InodeExtended::read_from_bytes(&raw)
-                .map_err(|_| corrupt(nid, offset, "short inode"))?;
+            let e = InodeExtended::read_from_bytes(&raw).map_err(|_| corrupt(nid, offset, "short inode"))?;
             InodeInfo {
                 nid,
                 offset,
@@ -140,11 +133,7 @@ impl<R: ReadAt> Image<R> {
             }
         };
         if file_type_of_mode(info.mode).is_none() {
-            return Err(corrupt(
-                nid,
-                offset,
-                format!("bogus i_mode {:#o}", info.mode),
-            ));
+            return Err(corrupt(nid, offset, format!("bogus i_mode {:#o}", info.mode)));
         }
         if i64::try_from(info.size).is_err() {
             return Err(corrupt(nid, offset, "i_size above 2^63-1"));
@@ -154,18 +143,10 @@ impl<R: ReadAt> Image<R> {
             LAYOUT_CHUNK_BASED => {
                 let fmt = chunk_format_of(info.i_u);
                 if fmt & !CHUNK_FORMAT_ALL_6_1 != 0 {
-                    return Err(ReadError::Unsupported {
-                        nid,
-                        what: format!("chunk format {fmt:#x}"),
-                    });
+                    return Err(ReadError::Unsupported { nid, what: format!("chunk format {fmt:#x}") });
                 }
             }
-            l => {
-                return Err(ReadError::Unsupported {
-                    nid,
-                    what: format!("data layout {l} (compressed or unknown)"),
-                })
-            }
+            l => return Err(ReadError::Unsupported { nid, what: format!("data layout {l} (compressed or unknown)") }),
         }
         Ok(info)
     }
@@ -174,11 +155,7 @@ impl<R: ReadAt> Image<R> {
     pub fn map(&self, ino: &InodeInfo, pos: u64) -> Result<Mapping, ReadError> {
         let nid = ino.nid;
         if pos >= ino.size {
-            return Err(corrupt(
-                nid,
-                ino.offset,
-                format!("position {pos} beyond i_size {}", ino.size),
-            ));
+            return Err(corrupt(nid, ino.offset, format!("position {pos} beyond i_size {}", ino.size)));
         }
         let nblocks = ino.size.div_ceil(BLOCK_SIZE);
         match ino.layout {
@@ -190,27 +167,15 @@ impl<R: ReadAt> Image<R> {
                         .checked_mul(BLOCK_SIZE)
                         .and_then(|b| b.checked_add(pos))
                         .ok_or_else(|| corrupt(nid, ino.offset, "data address overflows"))?;
-                    Ok(Mapping {
-                        start: pos,
-                        len: lastblk * BLOCK_SIZE - pos,
-                        target: Target::Image(phys),
-                    })
+                    Ok(Mapping { start: pos, len: lastblk * BLOCK_SIZE - pos, target: Target::Image(phys) })
                 } else {
                     let tail_start = ino.body_end();
                     let tail_len = ino.size - lastblk * BLOCK_SIZE;
                     if tail_start % BLOCK_SIZE + tail_len > BLOCK_SIZE {
-                        return Err(corrupt(
-                            nid,
-                            tail_start,
-                            "inline data crosses a block boundary",
-                        ));
+                        return Err(corrupt(nid, tail_start, "inline data crosses a block boundary"));
                     }
                     let phys = tail_start + (pos - lastblk * BLOCK_SIZE);
-                    Ok(Mapping {
-                        start: pos,
-                        len: ino.size - pos,
-                        target: Target::Image(phys),
-                    })
+                    Ok(Mapping { start: pos, len: ino.size - pos, target: Target::Image(phys) })
                 }
             }
             LAYOUT_CHUNK_BASED => {
@@ -228,8 +193,7 @@ impl<R: ReadAt> Image<R> {
                 let (device, blkaddr) = if indexes {
                     let mut raw = [0u8; 8];
                     self.read_meta(nid, &mut raw, ipos)?;
-                    let ci = ChunkIndex::read_from_bytes(&raw)
-                        .map_err(|_| corrupt(nid, ipos, "short chunk index"))?;
+                    let ci = ChunkIndex::read_from_bytes(&raw).map_err(|_| corrupt(nid, ipos, "short chunk index"))?;
                     (ci.device_id.get() & self.device_id_mask, ci.blkaddr.get())
                 } else {
                     let mut raw = [0u8; 4];
@@ -258,10 +222,7 @@ impl<R: ReadAt> Image<R> {
                 };
                 Ok(Mapping { start, len, target })
             }
-            l => Err(ReadError::Unsupported {
-                nid,
-                what: format!("data layout {l}"),
-            }),
+            l => Err(ReadError::Unsupported { nid, what: format!("data layout {l}") }),
         }
     }
 
@@ -272,12 +233,7 @@ impl<R: ReadAt> Image<R> {
         self.read_data(&ino, offset, buf)
     }
 
-    pub(crate) fn read_data(
-        &self,
-        ino: &InodeInfo,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<usize, ReadError> {
+    pub(crate) fn read_data(&self, ino: &InodeInfo, offset: u64, buf: &mut [u8]) -> Result<usize, ReadError> {
         let want = (buf.len() as u64).min(ino.size.saturating_sub(offset));
         let want = usize::try_from(want).unwrap_or(buf.len());
         let mut done = 0usize;
@@ -294,11 +250,7 @@ impl<R: ReadAt> Image<R> {
                 Target::Hole => dst.fill(0),
                 Target::Image(phys) => self.read_meta(ino.nid, dst, phys)?,
                 Target::Device { device, offset } => {
-                    return Err(ReadError::ExternalData {
-                        nid: ino.nid,
-                        offset,
-                        device,
-                    });
+                    return Err(ReadError::ExternalData { nid: ino.nid, offset, device });
                 }
             }
             done += n;

@@ -20,8 +20,8 @@ pub use dir::RawDirent;
 pub use inode::{InodeInfo, Mapping, Target};
 
 use crate::format::{
-    time_from_disk, DeviceSlot, SuperBlock, BLOCK_BITS, BLOCK_SIZE, DEVT_SLOT_SIZE,
-    FEATURE_INCOMPAT_DEVICE_TABLE, FEATURE_INCOMPAT_SUPPORTED, MAGIC, SUPER_OFFSET,
+    time_from_disk, DeviceSlot, SuperBlock, BLOCK_BITS, BLOCK_SIZE, DEVT_SLOT_SIZE, FEATURE_INCOMPAT_DEVICE_TABLE,
+    FEATURE_INCOMPAT_SUPPORTED, MAGIC, SUPER_OFFSET,
 };
 use crate::tree::Digest;
 
@@ -34,8 +34,7 @@ pub trait ReadAt {
 
 impl ReadAt for [u8] {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let start =
-            usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        let start = usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::UnexpectedEof))?;
         let src = start
             .checked_add(buf.len())
             .and_then(|end| self.get(start..end))
@@ -70,11 +69,7 @@ pub enum ReadError {
     #[error("superblock: {reason}")]
     Superblock { reason: String },
     #[error("nid {nid}: corrupt at byte offset {offset}: {reason}")]
-    Corrupt {
-        nid: u64,
-        offset: u64,
-        reason: String,
-    },
+    Corrupt { nid: u64, offset: u64, reason: String },
     #[error("nid {nid}: unsupported: {what}")]
     Unsupported { nid: u64, what: String },
     #[error("nid {nid}: data at byte offset {offset} lives on device {device}, not in the image")]
@@ -84,11 +79,7 @@ pub enum ReadError {
 }
 
 pub(crate) fn corrupt(nid: u64, offset: u64, reason: impl Into<String>) -> ReadError {
-    ReadError::Corrupt {
-        nid,
-        offset,
-        reason: reason.into(),
-    }
+    ReadError::Corrupt { nid, offset, reason: reason.into() }
 }
 
 /// One extra device of the image (device id = position in [`Image::devices`] + 1).
@@ -122,19 +113,14 @@ impl<R: ReadAt> Image<R> {
             return Err(sb_err("bad magic"));
         }
         if sb.blkszbits != BLOCK_BITS {
-            return Err(sb_err(format!(
-                "block size 2^{} (only 4096 is supported)",
-                sb.blkszbits
-            )));
+            return Err(sb_err(format!("block size 2^{} (only 4096 is supported)", sb.blkszbits)));
         }
         if sb.dirblkbits != 0 {
             return Err(sb_err("dirblkbits is not 0"));
         }
         let incompat = sb.feature_incompat.get();
         if incompat & !FEATURE_INCOMPAT_SUPPORTED != 0 {
-            return Err(sb_err(format!(
-                "unsupported incompatible features {incompat:#x}"
-            )));
+            return Err(sb_err(format!("unsupported incompatible features {incompat:#x}")));
         }
         if 128 + 16 * u64::from(sb.sb_extslots) > BLOCK_SIZE - SUPER_OFFSET {
             return Err(sb_err("sb_extslots beyond the first block"));
@@ -143,17 +129,10 @@ impl<R: ReadAt> Image<R> {
             return Err(sb_err("volume name without NUL"));
         }
         let limit = u64::from(sb.blocks.get()) * BLOCK_SIZE;
-        let mut img = Image {
-            r,
-            sb,
-            devices: Vec::new(),
-            limit,
-            device_id_mask: 0,
-        };
+        let mut img = Image { r, sb, devices: Vec::new(), limit, device_id_mask: 0 };
         if incompat & FEATURE_INCOMPAT_DEVICE_TABLE != 0 {
             let n = sb.extra_devices.get();
-            img.device_id_mask =
-                u16::try_from((u32::from(n) + 1).next_power_of_two() - 1).unwrap_or(u16::MAX);
+            img.device_id_mask = u16::try_from((u32::from(n) + 1).next_power_of_two() - 1).unwrap_or(u16::MAX);
             let start = u64::from(sb.devt_slotoff.get()) * DEVT_SLOT_SIZE;
             if start < SUPER_OFFSET + 128 && n > 0 {
                 return Err(sb_err("device table overlaps the superblock"));
@@ -162,14 +141,9 @@ impl<R: ReadAt> Image<R> {
             for i in 0..u64::from(n) {
                 let off = start + i * DEVT_SLOT_SIZE;
                 img.read_meta(u64::MAX, &mut slot, off)?;
-                let s =
-                    DeviceSlot::read_from_bytes(&slot).map_err(|_| sb_err("short device slot"))?;
+                let s = DeviceSlot::read_from_bytes(&slot).map_err(|_| sb_err("short device slot"))?;
                 let digest = parse_digest_tag(&s.tag);
-                img.devices.push(DeviceInfo {
-                    tag: s.tag,
-                    digest,
-                    blocks: s.blocks.get(),
-                });
+                img.devices.push(DeviceInfo { tag: s.tag, digest, blocks: s.blocks.get() });
             }
         }
         Ok(img)
@@ -191,10 +165,7 @@ impl<R: ReadAt> Image<R> {
 
     /// Build time of compact inodes (seconds, nanoseconds).
     pub fn build_time(&self) -> (i64, u32) {
-        (
-            time_from_disk(self.sb.build_time.get()),
-            self.sb.build_time_nsec.get(),
-        )
+        (time_from_disk(self.sb.build_time.get()), self.sb.build_time_nsec.get())
     }
 
     /// The image's size according to its superblock.
@@ -215,11 +186,7 @@ impl<R: ReadAt> Image<R> {
             return Err(corrupt(
                 nid,
                 offset,
-                format!(
-                    "{} bytes beyond the image end ({} bytes)",
-                    buf.len(),
-                    self.limit
-                ),
+                format!("{} bytes beyond the image end ({} bytes)", buf.len(), self.limit),
             ));
         }
         read(&self.r, buf, offset)
@@ -240,25 +207,16 @@ impl ExceedsLimit for Option<u64> {
 }
 
 fn sb_err(reason: impl Into<String>) -> ReadError {
-    ReadError::Superblock {
-        reason: reason.into(),
-    }
+    ReadError::Superblock { reason: reason.into() }
 }
 
 fn read<R: ReadAt + ?Sized>(r: &R, buf: &mut [u8], offset: u64) -> Result<(), ReadError> {
-    r.read_exact_at(buf, offset).map_err(|error| ReadError::Io {
-        offset,
-        len: buf.len(),
-        error,
-    })
+    r.read_exact_at(buf, offset).map_err(|error| ReadError::Io { offset, len: buf.len(), error })
 }
 
 /// A 64-character lowercase hex tag as a digest.
 fn parse_digest_tag(tag: &[u8; 64]) -> Option<Digest> {
-    if !tag
-        .iter()
-        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
-    {
+    if !tag.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)) {
         return None;
     }
     let mut d = [0u8; 32];

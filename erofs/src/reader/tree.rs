@@ -7,8 +7,8 @@ use zerocopy::FromBytes;
 
 use super::{corrupt, Image, InodeInfo, ReadAt, ReadError};
 use crate::format::{
-    chunk_format_of, decode_rdev, ChunkIndex, BLOCK_SIZE, CHUNK_FORMAT_INDEXES, LAYOUT_CHUNK_BASED,
-    NULL_ADDR, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, S_IFSOCK,
+    chunk_format_of, decode_rdev, ChunkIndex, BLOCK_SIZE, CHUNK_FORMAT_INDEXES, LAYOUT_CHUNK_BASED, NULL_ADDR, S_IFBLK,
+    S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, S_IFSOCK,
 };
 use crate::tree::{Extent, FileData, Inode, InodeId, Kind, Metadata, Tree};
 use crate::writer::ContentSource;
@@ -28,15 +28,10 @@ impl<R: ReadAt> Image<R> {
         let root_nid = self.root_nid();
         let root = self.inode(root_nid)?;
         if root.file_type() != S_IFDIR {
-            return Err(ReadError::WrongType {
-                nid: root_nid,
-                expected: "directory (root)",
-            });
+            return Err(ReadError::WrongType { nid: root_nid, expected: "directory (root)" });
         }
         let mut budget = MAX_TREE_XATTR_BYTES;
-        let mut tree = Tree {
-            inodes: vec![self.tree_inode(&root, &mut budget)?],
-        };
+        let mut tree = Tree { inodes: vec![self.tree_inode(&root, &mut budget)?] };
         let mut id_of: HashMap<u64, InodeId> = HashMap::from([(root_nid, 0)]);
         let mut queue = VecDeque::from([(root, 0usize)]);
         while let Some((dir, dir_id)) = queue.pop_front() {
@@ -83,11 +78,7 @@ impl<R: ReadAt> Image<R> {
             S_IFREG => Kind::Regular(self.file_data(ino)?),
             S_IFLNK => {
                 if ino.size > MAX_SYMLINK {
-                    return Err(corrupt(
-                        nid,
-                        ino.offset,
-                        format!("symlink target of {} bytes", ino.size),
-                    ));
+                    return Err(corrupt(nid, ino.offset, format!("symlink target of {} bytes", ino.size)));
                 }
                 let mut target = vec![0u8; usize::try_from(ino.size).unwrap_or(0)];
                 self.read_data(ino, 0, &mut target)?;
@@ -103,13 +94,7 @@ impl<R: ReadAt> Image<R> {
             }
             S_IFIFO => Kind::Fifo,
             S_IFSOCK => Kind::Socket,
-            _ => {
-                return Err(corrupt(
-                    nid,
-                    ino.offset,
-                    format!("bogus i_mode {:#o}", ino.mode),
-                ))
-            }
+            _ => return Err(corrupt(nid, ino.offset, format!("bogus i_mode {:#o}", ino.mode))),
         };
         let meta = Metadata {
             perm: ino.mode & 0o7777,
@@ -120,12 +105,9 @@ impl<R: ReadAt> Image<R> {
         };
         let mut xattrs = BTreeMap::new();
         for (name, value) in self.xattrs(ino)? {
-            *xattr_budget = xattr_budget
-                .checked_sub((name.len() + value.len()) as u64)
-                .ok_or_else(|| ReadError::Unsupported {
-                    nid,
-                    what: format!("xattrs beyond {MAX_TREE_XATTR_BYTES} bytes in all"),
-                })?;
+            *xattr_budget = xattr_budget.checked_sub((name.len() + value.len()) as u64).ok_or_else(|| {
+                ReadError::Unsupported { nid, what: format!("xattrs beyond {MAX_TREE_XATTR_BYTES} bytes in all") }
+            })?;
             if xattrs.insert(name, value).is_some() {
                 return Err(corrupt(nid, ino.offset, "duplicate xattr name"));
             }
@@ -137,19 +119,8 @@ impl<R: ReadAt> Image<R> {
     pub fn file_data(&self, ino: &InodeInfo) -> Result<FileData, ReadError> {
         let (nid, size) = (ino.nid, ino.size);
         if ino.layout != LAYOUT_CHUNK_BASED {
-            let extents = if size > 0 {
-                vec![Extent {
-                    offset: 0,
-                    len: size,
-                }]
-            } else {
-                Vec::new()
-            };
-            return Ok(FileData::Inline {
-                size,
-                extents,
-                source: nid,
-            });
+            let extents = if size > 0 { vec![Extent { offset: 0, len: size }] } else { Vec::new() };
+            return Ok(FileData::Inline { size, extents, source: nid });
         }
         let bits = ino.chunk_bits();
         let per_chunk = 1u64 << (bits - crate::format::BLOCK_BITS);
@@ -165,39 +136,22 @@ impl<R: ReadAt> Image<R> {
                 let end = (start + (1u64 << bits)).min(size);
                 match extents.last_mut() {
                     Some(last) if last.offset + last.len == start => last.len = end - last.offset,
-                    _ => extents.push(Extent {
-                        offset: start,
-                        len: end - start,
-                    }),
+                    _ => extents.push(Extent { offset: start, len: end - start }),
                 }
             } else {
                 if external.is_some_and(|d| d != device) || u64::from(blkaddr) != i * per_chunk {
-                    return Err(ReadError::Unsupported {
-                        nid,
-                        what: format!("chunk layout at byte offset {at}"),
-                    });
+                    return Err(ReadError::Unsupported { nid, what: format!("chunk layout at byte offset {at}") });
                 }
                 external = Some(device);
             }
             Ok(())
         })?;
         match external {
-            None => Ok(FileData::Inline {
-                size,
-                extents,
-                source: nid,
-            }),
-            Some(_) if local => Err(ReadError::Unsupported {
-                nid,
-                what: "file mixing image and device chunks".into(),
-            }),
+            None => Ok(FileData::Inline { size, extents, source: nid }),
+            Some(_) if local => Err(ReadError::Unsupported { nid, what: "file mixing image and device chunks".into() }),
             Some(device) => {
                 let dev = self.devices.get(usize::from(device) - 1).ok_or_else(|| {
-                    corrupt(
-                        nid,
-                        ino.offset,
-                        format!("device id {device} beyond {} devices", self.devices.len()),
-                    )
+                    corrupt(nid, ino.offset, format!("device id {device} beyond {} devices", self.devices.len()))
                 })?;
                 let digest = dev.digest.ok_or_else(|| ReadError::Unsupported {
                     nid,
@@ -221,29 +175,21 @@ impl<R: ReadAt> Image<R> {
         let indexes = chunk_format_of(ino.i_u) & CHUNK_FORMAT_INDEXES != 0;
         let unit: u64 = if indexes { 8 } else { 4 };
         let start = ino.body_end().next_multiple_of(unit);
-        let total = count
-            .checked_mul(unit)
-            .ok_or_else(|| corrupt(nid, start, "chunk index array size"))?;
+        let total = count.checked_mul(unit).ok_or_else(|| corrupt(nid, start, "chunk index array size"))?;
         if start.checked_add(total).exceeds(self.limit) {
-            return Err(corrupt(
-                nid,
-                start,
-                format!("{count} chunk indexes run past the image end"),
-            ));
+            return Err(corrupt(nid, start, format!("{count} chunk indexes run past the image end")));
         }
         let mut buf = vec![0u8; crate::format::BLOCK_BYTES];
         let mut i = 0u64;
         while i < count {
             let at = start + i * unit;
-            let n = usize::try_from(((BLOCK_SIZE - at % BLOCK_SIZE) / unit).min(count - i))
-                .unwrap_or(1);
+            let n = usize::try_from(((BLOCK_SIZE - at % BLOCK_SIZE) / unit).min(count - i)).unwrap_or(1);
             let width = if indexes { 8 } else { 4 };
             let bytes = &mut buf[..n * width];
             self.read_meta(nid, bytes, at)?;
             for (k, raw) in bytes.chunks_exact(width).enumerate() {
                 let (device, blkaddr) = if indexes {
-                    let ci = ChunkIndex::read_from_bytes(raw)
-                        .map_err(|_| corrupt(nid, at, "short chunk index"))?;
+                    let ci = ChunkIndex::read_from_bytes(raw).map_err(|_| corrupt(nid, at, "short chunk index"))?;
                     (ci.device_id.get() & self.device_id_mask, ci.blkaddr.get())
                 } else {
                     (0, u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]))
@@ -261,9 +207,7 @@ use super::ExceedsLimit;
 impl<R: ReadAt> ContentSource for Image<R> {
     /// `source` is a nid, as set by [`Image::read_tree`].
     fn read_at(&mut self, source: u64, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let n = self
-            .read_file_at(source, offset, buf)
-            .map_err(io::Error::other)?;
+        let n = self.read_file_at(source, offset, buf).map_err(io::Error::other)?;
         if n != buf.len() {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }

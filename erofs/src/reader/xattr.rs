@@ -40,24 +40,16 @@ impl<R: ReadAt> Image<R> {
         }
         let start = ino.offset + ino.inode_isize();
         if size == 12 {
-            return Err(ReadError::Unsupported {
-                nid,
-                what: "xattr_isize 12 (i_xattr_icount 1)".into(),
-            });
+            return Err(ReadError::Unsupported { nid, what: "xattr_isize 12 (i_xattr_icount 1)".into() });
         }
         // at most 12 + 4 * 65534 bytes
-        let mut body =
-            vec![0u8; usize::try_from(size).map_err(|_| corrupt(nid, start, "xattr body size"))?];
+        let mut body = vec![0u8; usize::try_from(size).map_err(|_| corrupt(nid, start, "xattr body size"))?];
         self.read_meta(nid, &mut body, start)?;
-        let (h, rest) = XattrIbodyHeader::read_from_prefix(&body)
-            .map_err(|_| corrupt(nid, start, "short xattr header"))?;
+        let (h, rest) =
+            XattrIbodyHeader::read_from_prefix(&body).map_err(|_| corrupt(nid, start, "short xattr header"))?;
         let shared = usize::from(h.h_shared_count);
         if shared * 4 > rest.len() {
-            return Err(corrupt(
-                nid,
-                start,
-                format!("{shared} shared xattr ids do not fit the xattr body"),
-            ));
+            return Err(corrupt(nid, start, format!("{shared} shared xattr ids do not fit the xattr body")));
         }
         let mut off = 12 + shared * 4;
         while off < body.len() {
@@ -67,19 +59,10 @@ impl<R: ReadAt> Image<R> {
             let (nl, vl) = (usize::from(e.e_name_len), usize::from(e.e_value_size.get()));
             let esize = xattr_entry_size(nl, vl);
             if esize > body.len() - off {
-                return Err(corrupt(
-                    nid,
-                    at,
-                    "xattr entry sizes do not add up to the xattr body size",
-                ));
+                return Err(corrupt(nid, at, "xattr entry sizes do not add up to the xattr body size"));
             }
-            let name = join_xattr_name(e.e_name_index, &tail[..nl]).ok_or_else(|| {
-                corrupt(
-                    nid,
-                    at,
-                    format!("xattr name index {} unknown to 6.1", e.e_name_index),
-                )
-            })?;
+            let name = join_xattr_name(e.e_name_index, &tail[..nl])
+                .ok_or_else(|| corrupt(nid, at, format!("xattr name index {} unknown to 6.1", e.e_name_index)))?;
             out((name, tail[nl..nl + vl].to_vec()));
             off += esize;
         }
@@ -99,18 +82,12 @@ impl<R: ReadAt> Image<R> {
         let mut h = [0u8; 4];
         self.read_meta(nid, &mut h, at)
             .map_err(|_| corrupt(nid, at, format!("shared xattr id {id} outside the image")))?;
-        let e =
-            XattrEntry::read_from_bytes(&h).map_err(|_| corrupt(nid, at, "short xattr entry"))?;
+        let e = XattrEntry::read_from_bytes(&h).map_err(|_| corrupt(nid, at, "short xattr entry"))?;
         let (nl, vl) = (usize::from(e.e_name_len), usize::from(e.e_value_size.get()));
         let mut nv = vec![0u8; nl + vl];
         self.read_meta(nid, &mut nv, at + 4)?;
-        let name = join_xattr_name(e.e_name_index, &nv[..nl]).ok_or_else(|| {
-            corrupt(
-                nid,
-                at,
-                format!("shared xattr name index {} unknown to 6.1", e.e_name_index),
-            )
-        })?;
+        let name = join_xattr_name(e.e_name_index, &nv[..nl])
+            .ok_or_else(|| corrupt(nid, at, format!("shared xattr name index {} unknown to 6.1", e.e_name_index)))?;
         Ok((name, nv.split_off(nl)))
     }
 }

@@ -36,9 +36,7 @@ pub(crate) fn collect(tree: &Tree, opts: &WriteOptions) -> Result<Collected, Wri
         return Err(WriteError::RootNotDirectory);
     }
     if opts.volume_name.len() > 15 {
-        return Err(WriteError::VolumeName {
-            len: opts.volume_name.len(),
-        });
+        return Err(WriteError::VolumeName { len: opts.volume_name.len() });
     }
     let mut c = Collected {
         ids: vec![ROOT],
@@ -59,46 +57,29 @@ pub(crate) fn collect(tree: &Tree, opts: &WriteOptions) -> Result<Collected, Wri
         let mut subdirs: u32 = 0;
         for (name, &child) in entries {
             check_name(tree, dir, name)?;
-            let inode = tree
-                .inodes
-                .get(child)
-                .ok_or_else(|| WriteError::MissingInode {
-                    path: format!(
-                        "{}/{}",
-                        path_of(tree, dir).trim_end_matches('/'),
-                        String::from_utf8_lossy(name)
-                    ),
-                    id: child,
-                })?;
+            let inode = tree.inodes.get(child).ok_or_else(|| WriteError::MissingInode {
+                path: format!("{}/{}", path_of(tree, dir).trim_end_matches('/'), String::from_utf8_lossy(name)),
+                id: child,
+            })?;
             if child == ROOT {
-                return Err(WriteError::RootLinked {
-                    path: path_of(tree, dir),
-                });
+                return Err(WriteError::RootLinked { path: path_of(tree, dir) });
             }
             let is_dir = matches!(inode.kind, Kind::Directory(_));
             if is_dir {
-                subdirs = subdirs.checked_add(1).ok_or(WriteError::Overflow {
-                    what: "directory nlink",
-                })?;
+                subdirs = subdirs.checked_add(1).ok_or(WriteError::Overflow { what: "directory nlink" })?;
             }
             let existing = c.index_of[child];
             if existing != NONE {
                 if is_dir {
-                    return Err(WriteError::DirectoryHardLink {
-                        path: path_of(tree, child),
-                    });
+                    return Err(WriteError::DirectoryHardLink { path: path_of(tree, child) });
                 }
                 let n = &mut c.nlink[existing as usize];
-                *n = n
-                    .checked_add(1)
-                    .ok_or(WriteError::Overflow { what: "nlink" })?;
+                *n = n.checked_add(1).ok_or(WriteError::Overflow { what: "nlink" })?;
                 continue;
             }
             let index: u32 = super::fit(c.ids.len(), "inode count")?;
             if index == NONE {
-                return Err(WriteError::Overflow {
-                    what: "inode count",
-                });
+                return Err(WriteError::Overflow { what: "inode count" });
             }
             c.index_of[child] = index;
             c.ids.push(child);
@@ -108,17 +89,13 @@ pub(crate) fn collect(tree: &Tree, opts: &WriteOptions) -> Result<Collected, Wri
                 queue.push_back(child);
             }
         }
-        c.nlink[dir_index as usize] = subdirs.checked_add(2).ok_or(WriteError::Overflow {
-            what: "directory nlink",
-        })?;
+        c.nlink[dir_index as usize] = subdirs.checked_add(2).ok_or(WriteError::Overflow { what: "directory nlink" })?;
     }
     let mut times: HashMap<(i64, u32), u64> = HashMap::new();
     for &id in &c.ids {
         let inode = &tree.inodes[id];
         validate_inode(tree, id, inode)?;
-        *times
-            .entry((inode.meta.mtime, inode.meta.mtime_nsec))
-            .or_default() += 1;
+        *times.entry((inode.meta.mtime, inode.meta.mtime_nsec)).or_default() += 1;
         if let Kind::Regular(FileData::External { size, digest }) = &inode.kind {
             if *size == 0 {
                 continue;
@@ -126,17 +103,11 @@ pub(crate) fn collect(tree: &Tree, opts: &WriteOptions) -> Result<Collected, Wri
             if let Some(&dev) = c.device_of.get(digest) {
                 let known = c.devices[usize::from(dev) - 1].1;
                 if known != *size {
-                    return Err(WriteError::DigestSizeConflict {
-                        digest: hex::encode(digest),
-                        a: known,
-                        b: *size,
-                    });
+                    return Err(WriteError::DigestSizeConflict { digest: hex::encode(digest), a: known, b: *size });
                 }
             } else {
-                let id: u16 =
-                    u16::try_from(c.devices.len() + 1).map_err(|_| WriteError::TooManyDevices {
-                        count: c.devices.len() + 1,
-                    })?;
+                let id: u16 = u16::try_from(c.devices.len() + 1)
+                    .map_err(|_| WriteError::TooManyDevices { count: c.devices.len() + 1 })?;
                 c.device_of.insert(*digest, id);
                 c.devices.push((*digest, *size));
             }
@@ -145,11 +116,7 @@ pub(crate) fn collect(tree: &Tree, opts: &WriteOptions) -> Result<Collected, Wri
     // The most common mtime; ties go to the smallest, so the choice is deterministic.
     c.build_time = match opts.build_time {
         Some(t) => t,
-        None => times
-            .into_iter()
-            .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
-            .map(|(t, _)| t)
-            .unwrap_or((0, 0)),
+        None => times.into_iter().max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0))).map(|(t, _)| t).unwrap_or((0, 0)),
     };
     Ok(c)
 }
@@ -168,49 +135,29 @@ fn check_name(tree: &Tree, dir: InodeId, name: &[u8]) -> Result<(), WriteError> 
     } else {
         return Ok(());
     };
-    Err(WriteError::InvalidName {
-        path: path_of(tree, dir),
-        name: String::from_utf8_lossy(name).into_owned(),
-        reason,
-    })
+    Err(WriteError::InvalidName { path: path_of(tree, dir), name: String::from_utf8_lossy(name).into_owned(), reason })
 }
 
 fn validate_inode(tree: &Tree, id: InodeId, inode: &Inode) -> Result<(), WriteError> {
     if inode.meta.perm > 0o7777 {
-        return Err(WriteError::BadPermissions {
-            path: path_of(tree, id),
-            perm: inode.meta.perm,
-        });
+        return Err(WriteError::BadPermissions { path: path_of(tree, id), perm: inode.meta.perm });
     }
     match &inode.kind {
         Kind::Symlink(target) => {
             if target.is_empty() || target.len() > MAX_SYMLINK {
-                return Err(WriteError::SymlinkTarget {
-                    path: path_of(tree, id),
-                    len: target.len(),
-                });
+                return Err(WriteError::SymlinkTarget { path: path_of(tree, id), len: target.len() });
             }
         }
         Kind::CharDevice { major, minor } | Kind::BlockDevice { major, minor } => {
             if encode_rdev(*major, *minor).is_none() {
-                return Err(WriteError::DeviceNumber {
-                    path: path_of(tree, id),
-                    major: *major,
-                    minor: *minor,
-                });
+                return Err(WriteError::DeviceNumber { path: path_of(tree, id), major: *major, minor: *minor });
             }
         }
         Kind::Regular(FileData::Inline { size, extents, .. }) => {
-            data::check_extents(*size, extents).map_err(|reason| WriteError::BadExtents {
-                path: path_of(tree, id),
-                reason,
-            })?;
+            data::check_extents(*size, extents)
+                .map_err(|reason| WriteError::BadExtents { path: path_of(tree, id), reason })?;
             if i64::try_from(*size).is_err() {
-                return Err(WriteError::FileTooLarge {
-                    path: path_of(tree, id),
-                    size: *size,
-                    reason: "above 2^63-1",
-                });
+                return Err(WriteError::FileTooLarge { path: path_of(tree, id), size: *size, reason: "above 2^63-1" });
             }
         }
         Kind::Regular(FileData::External { size, .. }) => {
@@ -227,10 +174,7 @@ fn validate_inode(tree: &Tree, id: InodeId, inode: &Inode) -> Result<(), WriteEr
     for (name, value) in &inode.xattrs {
         let lossy = || String::from_utf8_lossy(name).into_owned();
         let Some((_, suffix)) = split_xattr_name(name) else {
-            return Err(WriteError::UnknownXattrPrefix {
-                path: path_of(tree, id),
-                name: lossy(),
-            });
+            return Err(WriteError::UnknownXattrPrefix { path: path_of(tree, id), name: lossy() });
         };
         if suffix.len() > 255 {
             return Err(WriteError::XattrTooLong {

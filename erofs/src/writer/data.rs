@@ -99,9 +99,7 @@ fn stored_bytes(size: u64, extents: &[Extent], bits: u8) -> u128 {
 /// bytes. Chunks no larger than the alignment of the hole boundaries keep every hole a hole; a larger
 /// chunk is only chosen when the index it saves outweighs the zeros it stores.
 pub(crate) fn choose_sparse_chunkbits(size: u64, extents: &[Extent]) -> u8 {
-    let max_bits = u8::try_from(ceil_log2(size))
-        .unwrap_or(MAX_CHUNK_BITS)
-        .clamp(BLOCK_BITS, MAX_CHUNK_BITS);
+    let max_bits = u8::try_from(ceil_log2(size)).unwrap_or(MAX_CHUNK_BITS).clamp(BLOCK_BITS, MAX_CHUNK_BITS);
     let mut best = (u128::MAX, BLOCK_BITS);
     for bits in BLOCK_BITS..=max_bits {
         let cost = u128::from(chunk_count(size, bits)) * 8 + stored_bytes(size, extents, bits);
@@ -114,11 +112,8 @@ pub(crate) fn choose_sparse_chunkbits(size: u64, extents: &[Extent]) -> u8 {
 
 /// Data blocks a sparse file occupies at chunk size `1 << bits`.
 pub(crate) fn sparse_blocks(size: u64, extents: &[Extent], bits: u8) -> Result<u64, WriteError> {
-    u64::try_from(stored_bytes(size, extents, bits) / u128::from(BLOCK_SIZE)).map_err(|_| {
-        WriteError::Overflow {
-            what: "data blocks",
-        }
-    })
+    u64::try_from(stored_bytes(size, extents, bits) / u128::from(BLOCK_SIZE))
+        .map_err(|_| WriteError::Overflow { what: "data blocks" })
 }
 
 /// Writes bytes `[start, end)` of a file to `out`: content inside extents, zeros elsewhere (holes and
@@ -150,14 +145,12 @@ pub(crate) fn stream_range(
         while p < ee {
             let n = usize::try_from((ee - p).min(COPY_BUF as u64)).unwrap_or(COPY_BUF);
             let piece = &mut buf[..n];
-            content
-                .read_at(source, p, piece)
-                .map_err(|error| WriteError::Content {
-                    source_id: source,
-                    offset: p,
-                    len: n,
-                    error,
-                })?;
+            content.read_at(source, p, piece).map_err(|error| WriteError::Content {
+                source_id: source,
+                offset: p,
+                len: n,
+                error,
+            })?;
             out(piece)?;
             p += n as u64;
         }
@@ -192,9 +185,7 @@ mod tests {
     use super::*;
 
     fn ext(v: &[(u64, u64)]) -> Vec<Extent> {
-        v.iter()
-            .map(|&(offset, len)| Extent { offset, len })
-            .collect()
+        v.iter().map(|&(offset, len)| Extent { offset, len }).collect()
     }
 
     #[test]

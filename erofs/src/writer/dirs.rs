@@ -6,9 +6,7 @@ use std::ops::Range;
 use zerocopy::IntoBytes;
 
 use super::collect::Collected;
-use crate::format::{
-    Dirent, BLOCK_SIZE, FT_BLKDEV, FT_CHRDEV, FT_DIR, FT_FIFO, FT_REG_FILE, FT_SOCK, FT_SYMLINK,
-};
+use crate::format::{Dirent, BLOCK_SIZE, FT_BLKDEV, FT_CHRDEV, FT_DIR, FT_FIFO, FT_REG_FILE, FT_SOCK, FT_SYMLINK};
 use crate::tree::{Kind, Tree};
 
 const DIRENT_SIZE: usize = 12;
@@ -48,15 +46,9 @@ pub(crate) fn pack<'t>(tree: &'t Tree, c: &Collected, dir_index: u32) -> Packed<
     let mut entries: Vec<Entry<'t>> = Vec::new();
     if let Some(map) = tree.entries(id) {
         entries.reserve(map.len() + 2);
-        entries.extend(map.iter().map(|(name, &child)| Entry {
-            name: name.as_slice(),
-            index: c.index_of[child],
-        }));
+        entries.extend(map.iter().map(|(name, &child)| Entry { name: name.as_slice(), index: c.index_of[child] }));
     }
-    for (dot, index) in [
-        (&b"."[..], dir_index),
-        (&b".."[..], c.parent[dir_index as usize]),
-    ] {
+    for (dot, index) in [(&b"."[..], dir_index), (&b".."[..], c.parent[dir_index as usize])] {
         let at = entries.partition_point(|e| e.name < dot);
         entries.insert(at, Entry { name: dot, index });
     }
@@ -73,11 +65,7 @@ pub(crate) fn pack<'t>(tree: &'t Tree, c: &Collected, dir_index: u32) -> Packed<
     }
     blocks.push(start..entries.len());
     let size = (blocks.len() as u64 - 1) * BLOCK_SIZE + used as u64;
-    Packed {
-        entries,
-        blocks,
-        size,
-    }
+    Packed { entries, blocks, size }
 }
 
 /// Encodes one directory block; `nid_of` maps a plan index to its nid. Returns the used bytes (a

@@ -11,11 +11,10 @@ use super::plan::{Data, InodePlan, Plan};
 use super::xattrs::{encode_body, encode_entry, SharedXattrs};
 use super::{data, dirs, fit, ContentSource, DeviceRef, WriteError, WriteOptions, WriteStats};
 use crate::format::{
-    encode_rdev, make_i_format, split_xattr_name, time_to_disk, ChunkIndex, DeviceSlot,
-    InodeCompact, InodeExtended, SuperBlock, BLOCK_BITS, BLOCK_SIZE, CHUNK_FORMAT_INDEXES,
-    DEVT_SLOT_SIZE, FEATURE_INCOMPAT_CHUNKED_FILE, FEATURE_INCOMPAT_DEVICE_TABLE,
-    LAYOUT_FLAT_INLINE, MAGIC, NULL_ADDR, SUPER_OFFSET, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO,
-    S_IFLNK, S_IFREG, S_IFSOCK,
+    encode_rdev, make_i_format, split_xattr_name, time_to_disk, ChunkIndex, DeviceSlot, InodeCompact, InodeExtended,
+    SuperBlock, BLOCK_BITS, BLOCK_SIZE, CHUNK_FORMAT_INDEXES, DEVT_SLOT_SIZE, FEATURE_INCOMPAT_CHUNKED_FILE,
+    FEATURE_INCOMPAT_DEVICE_TABLE, LAYOUT_FLAT_INLINE, MAGIC, NULL_ADDR, SUPER_OFFSET, S_IFBLK, S_IFCHR, S_IFDIR,
+    S_IFIFO, S_IFLNK, S_IFREG, S_IFSOCK,
 };
 use crate::tree::{FileData, Inode, Kind, Tree};
 
@@ -35,11 +34,7 @@ impl Sink<'_> {
     /// Writes zeros up to `target`; fails if the output is already past it.
     fn pad_to(&mut self, target: u64, what: &'static str) -> Result<(), WriteError> {
         if self.pos > target {
-            return Err(WriteError::LayoutDrift {
-                what,
-                planned: target,
-                actual: self.pos,
-            });
+            return Err(WriteError::LayoutDrift { what, planned: target, actual: self.pos });
         }
         const ZEROS: [u8; 4096] = [0; 4096];
         while self.pos < target {
@@ -51,11 +46,7 @@ impl Sink<'_> {
 
     fn expect(&self, planned: u64, what: &'static str) -> Result<(), WriteError> {
         if self.pos != planned {
-            return Err(WriteError::LayoutDrift {
-                what,
-                planned,
-                actual: self.pos,
-            });
+            return Err(WriteError::LayoutDrift { what, planned, actual: self.pos });
         }
         Ok(())
     }
@@ -70,16 +61,9 @@ pub(crate) fn emit(
     out: &mut dyn Write,
     opts: &WriteOptions,
 ) -> Result<WriteStats, WriteError> {
-    let mut sink = Sink {
-        out: io::BufWriter::with_capacity(256 * 1024, out),
-        pos: 0,
-    };
+    let mut sink = Sink { out: io::BufWriter::with_capacity(256 * 1024, out), pos: 0 };
     let mut stats = WriteStats {
-        devices: c
-            .devices
-            .iter()
-            .map(|&(digest, size)| DeviceRef { digest, size })
-            .collect(),
+        devices: c.devices.iter().map(|&(digest, size)| DeviceRef { digest, size }).collect(),
         inodes: c.ids.len() as u64,
         blocks: u64::from(plan.total_blocks),
         meta_bytes: plan.meta_end - plan.inodes.first().map_or(plan.meta_end, |p| p.pos),
@@ -104,8 +88,7 @@ pub(crate) fn emit(
     sink.expect(plan.xattr_start, "shared xattrs")?;
     let mut buf = Vec::new();
     for &(name, value) in &shared.entries {
-        let (index, suffix) =
-            split_xattr_name(name).ok_or(WriteError::Overflow { what: "xattr name" })?;
+        let (index, suffix) = split_xattr_name(name).ok_or(WriteError::Overflow { what: "xattr name" })?;
         buf.clear();
         encode_entry(&mut buf, index, suffix, value)?;
         sink.write(&buf)?;
@@ -130,10 +113,7 @@ pub(crate) fn emit(
         sink.write(&buf)?;
         match (&inode.kind, p.data) {
             (_, Data::Sparse { bits } | Data::External { bits, .. }) => {
-                sink.pad_to(
-                    p.pos + (buf.len() as u64).next_multiple_of(8),
-                    "chunk indexes",
-                )?;
+                sink.pad_to(p.pos + (buf.len() as u64).next_multiple_of(8), "chunk indexes")?;
                 write_chunk_indexes(&mut sink, inode, p, bits)?;
             }
             (Kind::Directory(_), _) if p.layout == LAYOUT_FLAT_INLINE => {
@@ -151,22 +131,9 @@ pub(crate) fn emit(
                 sink.write(&buf)?;
             }
             (Kind::Symlink(target), _) if p.layout == LAYOUT_FLAT_INLINE => sink.write(target)?,
-            (
-                Kind::Regular(FileData::Inline {
-                    extents, source, ..
-                }),
-                _,
-            ) if p.layout == LAYOUT_FLAT_INLINE => {
+            (Kind::Regular(FileData::Inline { extents, source, .. }), _) if p.layout == LAYOUT_FLAT_INLINE => {
                 let start = p.size - u64::from(p.tail);
-                data::stream_range(
-                    &mut |b| sink.write(b),
-                    content,
-                    *source,
-                    extents,
-                    start,
-                    p.size,
-                    &mut copy,
-                )?;
+                data::stream_range(&mut |b| sink.write(b), content, *source, extents, start, p.size, &mut copy)?;
                 stats.inline_data_bytes += u64::from(p.tail);
             }
             _ => {}
@@ -196,44 +163,16 @@ pub(crate) fn emit(
                 }
             }
             (Kind::Symlink(target), _) => sink.write(target)?,
-            (
-                Kind::Regular(FileData::Inline {
-                    extents, source, ..
-                }),
-                Data::Flat,
-            ) => {
+            (Kind::Regular(FileData::Inline { extents, source, .. }), Data::Flat) => {
                 let flat_end = (p.size - u64::from(p.tail)).min(p.data_blocks * BLOCK_SIZE);
-                data::stream_range(
-                    &mut |b| sink.write(b),
-                    content,
-                    *source,
-                    extents,
-                    0,
-                    flat_end,
-                    &mut copy,
-                )?;
+                data::stream_range(&mut |b| sink.write(b), content, *source, extents, 0, flat_end, &mut copy)?;
                 stats.inline_data_bytes += flat_end;
             }
-            (
-                Kind::Regular(FileData::Inline {
-                    extents,
-                    source,
-                    size,
-                }),
-                Data::Sparse { bits },
-            ) => {
+            (Kind::Regular(FileData::Inline { extents, source, size }), Data::Sparse { bits }) => {
                 for chunk in data::data_chunks(extents, bits) {
                     let cs = chunk << bits;
                     let ce = (cs + (1u64 << bits)).min(size.next_multiple_of(BLOCK_SIZE));
-                    data::stream_range(
-                        &mut |b| sink.write(b),
-                        content,
-                        *source,
-                        extents,
-                        cs,
-                        ce,
-                        &mut copy,
-                    )?;
+                    data::stream_range(&mut |b| sink.write(b), content, *source, extents, cs, ce, &mut copy)?;
                 }
                 stats.inline_data_bytes += extents.iter().map(|e| e.len).sum::<u64>();
             }
@@ -254,11 +193,7 @@ pub(crate) fn emit(
 
 fn superblock(c: &Collected, plan: &Plan, opts: &WriteOptions) -> Result<SuperBlock, WriteError> {
     let mut incompat = 0;
-    if plan
-        .inodes
-        .iter()
-        .any(|p| matches!(p.data, Data::Sparse { .. } | Data::External { .. }))
-    {
+    if plan.inodes.iter().any(|p| matches!(p.data, Data::Sparse { .. } | Data::External { .. })) {
         incompat |= FEATURE_INCOMPAT_CHUNKED_FILE;
     }
     if !c.devices.is_empty() {
@@ -290,32 +225,15 @@ fn superblock(c: &Collected, plan: &Plan, opts: &WriteOptions) -> Result<SuperBl
     })
 }
 
-fn encode_inode(
-    out: &mut Vec<u8>,
-    inode: &Inode,
-    p: &InodePlan,
-    nlink: u32,
-    index: usize,
-) -> Result<(), WriteError> {
+fn encode_inode(out: &mut Vec<u8>, inode: &Inode, p: &InodePlan, nlink: u32, index: usize) -> Result<(), WriteError> {
     let (ty, i_u) = match (&inode.kind, p.data) {
-        (Kind::CharDevice { major, minor }, _) => {
-            (S_IFCHR, encode_rdev(*major, *minor).unwrap_or(0))
-        }
-        (Kind::BlockDevice { major, minor }, _) => {
-            (S_IFBLK, encode_rdev(*major, *minor).unwrap_or(0))
-        }
+        (Kind::CharDevice { major, minor }, _) => (S_IFCHR, encode_rdev(*major, *minor).unwrap_or(0)),
+        (Kind::BlockDevice { major, minor }, _) => (S_IFBLK, encode_rdev(*major, *minor).unwrap_or(0)),
         (Kind::Fifo, _) => (S_IFIFO, 0),
         (Kind::Socket, _) => (S_IFSOCK, 0),
         (kind, Data::Sparse { bits } | Data::External { bits, .. }) => {
-            let ty = if matches!(kind, Kind::Regular(_)) {
-                S_IFREG
-            } else {
-                S_IFDIR
-            };
-            (
-                ty,
-                u32::from(CHUNK_FORMAT_INDEXES | u16::from(bits - BLOCK_BITS)),
-            )
+            let ty = if matches!(kind, Kind::Regular(_)) { S_IFREG } else { S_IFDIR };
+            (ty, u32::from(CHUNK_FORMAT_INDEXES | u16::from(bits - BLOCK_BITS)))
         }
         (Kind::Directory(_), _) => (S_IFDIR, p.blkaddr),
         (Kind::Symlink(_), _) => (S_IFLNK, p.blkaddr),
@@ -359,23 +277,14 @@ fn encode_inode(
     Ok(())
 }
 
-fn write_chunk_indexes(
-    sink: &mut Sink<'_>,
-    inode: &Inode,
-    p: &InodePlan,
-    bits: u8,
-) -> Result<(), WriteError> {
+fn write_chunk_indexes(sink: &mut Sink<'_>, inode: &Inode, p: &InodePlan, bits: u8) -> Result<(), WriteError> {
     let count = data::chunk_count(p.size, bits);
     let per_chunk = 1u64 << (bits - BLOCK_BITS);
     match (&inode.kind, p.data) {
         (_, Data::External { device, .. }) => {
             for i in 0..count {
                 let blkaddr: u32 = fit(i * per_chunk, "chunk block address")?;
-                let ci = ChunkIndex {
-                    advise: 0.into(),
-                    device_id: device.into(),
-                    blkaddr: blkaddr.into(),
-                };
+                let ci = ChunkIndex { advise: 0.into(), device_id: device.into(), blkaddr: blkaddr.into() };
                 sink.write(ci.as_bytes())?;
             }
         }
@@ -386,18 +295,13 @@ fn write_chunk_indexes(
                 let blkaddr = if stored.peek() == Some(&i) {
                     stored.next();
                     let b: u32 = fit(next_blk, "chunk block address")?;
-                    let chunk_bytes =
-                        (1u64 << bits).min((p.size - (i << bits)).next_multiple_of(BLOCK_SIZE));
+                    let chunk_bytes = (1u64 << bits).min((p.size - (i << bits)).next_multiple_of(BLOCK_SIZE));
                     next_blk += chunk_bytes / BLOCK_SIZE;
                     b
                 } else {
                     NULL_ADDR
                 };
-                let ci = ChunkIndex {
-                    advise: 0.into(),
-                    device_id: 0.into(),
-                    blkaddr: blkaddr.into(),
-                };
+                let ci = ChunkIndex { advise: 0.into(), device_id: 0.into(), blkaddr: blkaddr.into() };
                 sink.write(ci.as_bytes())?;
             }
             if next_blk != u64::from(p.blkaddr) + p.data_blocks {
@@ -409,11 +313,7 @@ fn write_chunk_indexes(
             }
         }
         _ => {
-            return Err(WriteError::LayoutDrift {
-                what: "chunk indexes of a non-chunked inode",
-                planned: 0,
-                actual: 0,
-            })
+            return Err(WriteError::LayoutDrift { what: "chunk indexes of a non-chunked inode", planned: 0, actual: 0 })
         }
     }
     Ok(())

@@ -51,16 +51,12 @@ impl MemorySource {
 
 impl ContentSource for MemorySource {
     fn read_at(&mut self, source: u64, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let file = self.files.get(&source).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("no content for source {source}"),
-            )
-        })?;
+        let file = self
+            .files
+            .get(&source)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no content for source {source}")))?;
         let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
-        let end = start
-            .checked_add(buf.len())
-            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        let end = start.checked_add(buf.len()).ok_or(io::ErrorKind::UnexpectedEof)?;
         let src = file.get(start..end).ok_or(io::ErrorKind::UnexpectedEof)?;
         buf.copy_from_slice(src);
         Ok(())
@@ -120,11 +116,7 @@ pub enum WriteError {
     #[error("{path}: entry names inode {id}, which does not exist")]
     MissingInode { path: String, id: InodeId },
     #[error("{path}: invalid entry name {name:?}: {reason}")]
-    InvalidName {
-        path: String,
-        name: String,
-        reason: &'static str,
-    },
+    InvalidName { path: String, name: String, reason: &'static str },
     #[error("{path}: the root directory is linked from a directory entry")]
     RootLinked { path: String },
     #[error("{path}: directory reached from more than one entry (hard-linked directory or loop)")]
@@ -132,13 +124,7 @@ pub enum WriteError {
     #[error("{path}: unknown or unsupported xattr name {name:?} (6.1 knows user., trusted., security., system.posix_acl_access/default)")]
     UnknownXattrPrefix { path: String, name: String },
     #[error("{path}: xattr {name:?}: {what} is {len} bytes, at most {max} fit")]
-    XattrTooLong {
-        path: String,
-        name: String,
-        what: &'static str,
-        len: usize,
-        max: usize,
-    },
+    XattrTooLong { path: String, name: String, what: &'static str, len: usize, max: usize },
     #[error("{path}: inline xattrs take {bytes} bytes, more than an inode's xattr body can hold")]
     XattrsTooLarge { path: String, bytes: u64 },
     #[error("{path}: invalid extents: {reason}")]
@@ -146,19 +132,11 @@ pub enum WriteError {
     #[error("{path}: permission bits {perm:#o} outside 0o7777")]
     BadPermissions { path: String, perm: u16 },
     #[error("{path}: device number {major}:{minor} does not fit the 12:20-bit encoding")]
-    DeviceNumber {
-        path: String,
-        major: u32,
-        minor: u32,
-    },
+    DeviceNumber { path: String, major: u32, minor: u32 },
     #[error("{path}: symlink target of {len} bytes (must be 1..=4095)")]
     SymlinkTarget { path: String, len: usize },
     #[error("{path}: file of {size} bytes is too large ({reason})")]
-    FileTooLarge {
-        path: String,
-        size: u64,
-        reason: &'static str,
-    },
+    FileTooLarge { path: String, size: u64, reason: &'static str },
     #[error("object {digest} is used with two sizes, {a} and {b}")]
     DigestSizeConflict { digest: String, a: u64, b: u64 },
     #[error("{count} distinct external objects; the device table holds at most 65535")]
@@ -178,11 +156,7 @@ pub enum WriteError {
     #[error("writing the image")]
     Io(#[source] io::Error),
     #[error("internal error: layout drift at {what}: planned offset {planned}, actual {actual}")]
-    LayoutDrift {
-        what: &'static str,
-        planned: u64,
-        actual: u64,
-    },
+    LayoutDrift { what: &'static str, planned: u64, actual: u64 },
 }
 
 /// Writes `tree` as an EROFS image to `out`, sequentially (no seeking), reading inline file data from

@@ -5,8 +5,7 @@ use super::collect::Collected;
 use super::xattrs::SharedXattrs;
 use super::{data, dirs, WriteError};
 use crate::format::{
-    DEVT_SLOT_SIZE, ISLOT_SIZE, LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN,
-    SUPER_OFFSET,
+    DEVT_SLOT_SIZE, ISLOT_SIZE, LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN, SUPER_OFFSET,
 };
 use crate::tree::{FileData, Kind, Tree};
 
@@ -64,23 +63,14 @@ impl Plan {
 }
 
 fn round_up(x: u64, to: u64) -> Result<u64, WriteError> {
-    x.checked_next_multiple_of(to).ok_or(WriteError::Overflow {
-        what: "image offset",
-    })
+    x.checked_next_multiple_of(to).ok_or(WriteError::Overflow { what: "image offset" })
 }
 
-pub(crate) fn plan(
-    tree: &Tree,
-    c: &Collected,
-    shared: &SharedXattrs<'_>,
-) -> Result<Plan, WriteError> {
+pub(crate) fn plan(tree: &Tree, c: &Collected, shared: &SharedXattrs<'_>) -> Result<Plan, WriteError> {
     let devt_off = SUPER_OFFSET + 128;
     let xattr_start = devt_off + DEVT_SLOT_SIZE * c.devices.len() as u64;
-    let xattr_blkaddr: u32 = if shared.entries.is_empty() {
-        0
-    } else {
-        super::fit(xattr_start / BLOCK, "xattr_blkaddr")?
-    };
+    let xattr_blkaddr: u32 =
+        if shared.entries.is_empty() { 0 } else { super::fit(xattr_start / BLOCK, "xattr_blkaddr")? };
     let shared_base_id = (xattr_start - u64::from(xattr_blkaddr) * BLOCK) / 4;
     let meta_start = round_up(xattr_start + shared.area_len, ISLOT_SIZE)?;
     // The block holding the slot before the root, so the root's nid is never 0 (st_ino 0 confuses
@@ -93,40 +83,25 @@ pub(crate) fn plan(
         let inode = &tree.inodes[id];
         let x = shared.split(tree, id, inode)?;
         let (size, data) = match &inode.kind {
-            Kind::Directory(_) => (
-                dirs::pack(tree, c, super::fit(index, "inode index")?).size,
-                Data::Flat,
-            ),
+            Kind::Directory(_) => (dirs::pack(tree, c, super::fit(index, "inode index")?).size, Data::Flat),
             Kind::Symlink(t) => (t.len() as u64, Data::Flat),
-            Kind::Regular(FileData::Inline { size: 0, .. })
-            | Kind::Regular(FileData::External { size: 0, .. }) => (0, Data::None),
+            Kind::Regular(FileData::Inline { size: 0, .. }) | Kind::Regular(FileData::External { size: 0, .. }) => {
+                (0, Data::None)
+            }
             Kind::Regular(FileData::Inline { size, extents, .. }) => {
                 if data::is_dense(*size, extents) {
                     (*size, Data::Flat)
                 } else {
-                    (
-                        *size,
-                        Data::Sparse {
-                            bits: data::choose_sparse_chunkbits(*size, extents),
-                        },
-                    )
+                    (*size, Data::Sparse { bits: data::choose_sparse_chunkbits(*size, extents) })
                 }
             }
             Kind::Regular(FileData::External { size, digest }) => {
                 let bits = u8::try_from(data::ceil_log2(*size))
                     .unwrap_or(data::MAX_CHUNK_BITS)
                     .clamp(crate::format::BLOCK_BITS, data::MAX_CHUNK_BITS);
-                (
-                    *size,
-                    Data::External {
-                        bits,
-                        device: c.device_of[digest],
-                    },
-                )
+                (*size, Data::External { bits, device: c.device_of[digest] })
             }
-            Kind::CharDevice { .. } | Kind::BlockDevice { .. } | Kind::Fifo | Kind::Socket => {
-                (0, Data::None)
-            }
+            Kind::CharDevice { .. } | Kind::BlockDevice { .. } | Kind::Fifo | Kind::Socket => (0, Data::None),
         };
         let m = &inode.meta;
         let extended = m.uid > 0xffff
@@ -156,12 +131,8 @@ pub(crate) fn plan(
                 p.meta_len = count
                     .checked_mul(8)
                     .and_then(|b| b.checked_add(head.next_multiple_of(8)))
-                    .ok_or(WriteError::Overflow {
-                        what: "chunk index bytes",
-                    })?;
-                if let (Data::Sparse { bits }, Kind::Regular(FileData::Inline { extents, .. })) =
-                    (data, &inode.kind)
-                {
+                    .ok_or(WriteError::Overflow { what: "chunk index bytes" })?;
+                if let (Data::Sparse { bits }, Kind::Regular(FileData::Inline { extents, .. })) = (data, &inode.kind) {
                     p.data_blocks = data::sparse_blocks(size, extents, bits)?;
                 }
             }
@@ -201,11 +172,7 @@ pub(crate) fn plan(
     for p in &mut inodes {
         if p.data_blocks > 0 {
             p.blkaddr = super::fit(next, "data block address")?;
-            next = next
-                .checked_add(p.data_blocks)
-                .ok_or(WriteError::Overflow {
-                    what: "image blocks",
-                })?;
+            next = next.checked_add(p.data_blocks).ok_or(WriteError::Overflow { what: "image blocks" })?;
         }
     }
     Ok(Plan {

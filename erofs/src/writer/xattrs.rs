@@ -41,11 +41,7 @@ impl<'t> SharedXattrs<'t> {
                 *count.entry((n.as_slice(), v.as_slice())).or_default() += 1;
             }
         }
-        let mut entries: Vec<Pair<'t>> = count
-            .into_iter()
-            .filter(|&(_, n)| n >= 2)
-            .map(|(p, _)| p)
-            .collect();
+        let mut entries: Vec<Pair<'t>> = count.into_iter().filter(|&(_, n)| n >= 2).map(|(p, _)| p).collect();
         entries.sort_unstable();
         let mut offset_of = HashMap::with_capacity(entries.len());
         let mut area_len = 0u64;
@@ -54,31 +50,21 @@ impl<'t> SharedXattrs<'t> {
             let suffix = split_xattr_name(n).map_or(n.len(), |(_, s)| s.len());
             area_len += xattr_entry_size(suffix, v.len()) as u64;
         }
-        Ok(SharedXattrs {
-            offset_of,
-            entries,
-            area_len,
-        })
+        Ok(SharedXattrs { offset_of, entries, area_len })
     }
 
     /// Splits an inode's xattrs into shared references and inline entries.
-    pub fn split(
-        &self,
-        tree: &Tree,
-        id: InodeId,
-        inode: &'t Inode,
-    ) -> Result<InodeXattrs<'t>, WriteError> {
+    pub fn split(&self, tree: &Tree, id: InodeId, inode: &'t Inode) -> Result<InodeXattrs<'t>, WriteError> {
         let mut x = InodeXattrs::default();
         if inode.xattrs.is_empty() {
             return Ok(x);
         }
         let mut inline_bytes = 0u64;
         for (n, v) in &inode.xattrs {
-            let (index, suffix) =
-                split_xattr_name(n).ok_or_else(|| WriteError::UnknownXattrPrefix {
-                    path: path_of(tree, id),
-                    name: String::from_utf8_lossy(n).into_owned(),
-                })?;
+            let (index, suffix) = split_xattr_name(n).ok_or_else(|| WriteError::UnknownXattrPrefix {
+                path: path_of(tree, id),
+                name: String::from_utf8_lossy(n).into_owned(),
+            })?;
             match self.offset_of.get(&(n.as_slice(), v.as_slice())) {
                 Some(&off) if x.shared.len() < MAX_SHARED_PER_INODE => x.shared.push(off),
                 _ => {
@@ -89,25 +75,16 @@ impl<'t> SharedXattrs<'t> {
         }
         let body = 12 + 4 * x.shared.len() as u64 + inline_bytes;
         let icount = (body - 12) / 4 + 1;
-        x.icount = u16::try_from(icount).map_err(|_| WriteError::XattrsTooLarge {
-            path: path_of(tree, id),
-            bytes: body,
-        })?;
-        x.ibody = u32::try_from(body).map_err(|_| WriteError::XattrsTooLarge {
-            path: path_of(tree, id),
-            bytes: body,
-        })?;
+        x.icount =
+            u16::try_from(icount).map_err(|_| WriteError::XattrsTooLarge { path: path_of(tree, id), bytes: body })?;
+        x.ibody =
+            u32::try_from(body).map_err(|_| WriteError::XattrsTooLarge { path: path_of(tree, id), bytes: body })?;
         Ok(x)
     }
 }
 
 /// Appends one xattr entry (header, suffix, value, padding to 4).
-pub(crate) fn encode_entry(
-    out: &mut Vec<u8>,
-    index: u8,
-    suffix: &[u8],
-    value: &[u8],
-) -> Result<(), WriteError> {
+pub(crate) fn encode_entry(out: &mut Vec<u8>, index: u8, suffix: &[u8], value: &[u8]) -> Result<(), WriteError> {
     let e = XattrEntry {
         e_name_len: super::fit(suffix.len(), "xattr name length")?,
         e_name_index: index,
@@ -122,19 +99,13 @@ pub(crate) fn encode_entry(
 }
 
 /// Appends the inline xattr body of an inode; `shared_base_id` is the id of area offset 0.
-pub(crate) fn encode_body(
-    out: &mut Vec<u8>,
-    x: &InodeXattrs<'_>,
-    shared_base_id: u64,
-) -> Result<(), WriteError> {
+pub(crate) fn encode_body(out: &mut Vec<u8>, x: &InodeXattrs<'_>, shared_base_id: u64) -> Result<(), WriteError> {
     if x.ibody == 0 {
         return Ok(());
     }
     let start = out.len();
-    let h = XattrIbodyHeader {
-        h_shared_count: super::fit(x.shared.len(), "shared xattr count")?,
-        ..Default::default()
-    };
+    let h =
+        XattrIbodyHeader { h_shared_count: super::fit(x.shared.len(), "shared xattr count")?, ..Default::default() };
     out.extend_from_slice(h.as_bytes());
     for &off in &x.shared {
         let id: u32 = super::fit(shared_base_id + off / 4, "shared xattr id")?;
@@ -145,11 +116,7 @@ pub(crate) fn encode_body(
     }
     let written = (out.len() - start) as u64;
     if written != u64::from(x.ibody) {
-        return Err(WriteError::LayoutDrift {
-            what: "xattr body",
-            planned: u64::from(x.ibody),
-            actual: written,
-        });
+        return Err(WriteError::LayoutDrift { what: "xattr body", planned: u64::from(x.ibody), actual: written });
     }
     Ok(())
 }

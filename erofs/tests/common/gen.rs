@@ -10,11 +10,7 @@ use proptest::prelude::*;
 #[derive(Clone, Debug)]
 pub enum Spec {
     Dir,
-    File {
-        size: u64,
-        holes: Vec<(u64, u64)>,
-        external: Option<u8>,
-    },
+    File { size: u64, holes: Vec<(u64, u64)>, external: Option<u8> },
     Symlink(usize),
     Chr(u32, u32),
     Blk(u32, u32),
@@ -63,14 +59,12 @@ fn meta() -> impl Strategy<Value = Metadata> {
         1 => Just(i64::MIN), 1 => Just(i64::MAX), 1 => any::<i64>(),
     ];
     let nsec = prop_oneof![4 => Just(0u32), 1 => 0u32..1_000_000_000];
-    (0u16..=0o7777, id.clone(), id, mtime, nsec).prop_map(|(perm, uid, gid, mtime, mtime_nsec)| {
-        Metadata {
-            perm,
-            uid,
-            gid,
-            mtime,
-            mtime_nsec,
-        }
+    (0u16..=0o7777, id.clone(), id, mtime, nsec).prop_map(|(perm, uid, gid, mtime, mtime_nsec)| Metadata {
+        perm,
+        uid,
+        gid,
+        mtime,
+        mtime_nsec,
     })
 }
 
@@ -83,10 +77,7 @@ fn xattr() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
         b"system.posix_acl_default",
     ]);
     let shared = prop::sample::select(vec![
-        (
-            b"security.capability".to_vec(),
-            vec![1u8, 0, 0, 2, 0x20, 0, 0, 0],
-        ),
+        (b"security.capability".to_vec(), vec![1u8, 0, 0, 2, 0x20, 0, 0, 0]),
         (b"trusted.overlay.opaque".to_vec(), b"y".to_vec()),
         (b"user.common".to_vec(), b"same value".to_vec()),
     ]);
@@ -131,20 +122,8 @@ fn spec() -> impl Strategy<Value = Spec> {
 }
 
 pub fn node() -> impl Strategy<Value = NodeSpec> {
-    (
-        any::<usize>(),
-        name(),
-        spec(),
-        meta(),
-        proptest::collection::vec(xattr(), 0..4),
-    )
-        .prop_map(|(parent, name, spec, meta, xattrs)| NodeSpec {
-            parent,
-            name,
-            spec,
-            meta,
-            xattrs,
-        })
+    (any::<usize>(), name(), spec(), meta(), proptest::collection::vec(xattr(), 0..4))
+        .prop_map(|(parent, name, spec, meta, xattrs)| NodeSpec { parent, name, spec, meta, xattrs })
 }
 
 pub fn tree() -> impl Strategy<Value = Tree> {
@@ -172,43 +151,22 @@ pub fn build(root: Metadata, nodes: &[NodeSpec]) -> Tree {
                 continue;
             }
             Spec::Dir | Spec::BigDir(_) => Kind::Directory(BTreeMap::new()),
-            Spec::File {
-                size,
-                holes,
-                external: Some(e),
-            } => {
+            Spec::File { size, holes, external: Some(e) } => {
                 let mut digest = [0u8; 32];
                 digest[0] = *e % 8; // a few shared objects
                 digest[1] = (size % 251) as u8;
-                let size = if *size == 0 {
-                    0
-                } else {
-                    1 + u64::from(*e % 8) * 7919 + size % 251 * 1_000_003 % 9_000_000
-                };
+                let size =
+                    if *size == 0 { 0 } else { 1 + u64::from(*e % 8) * 7919 + size % 251 * 1_000_003 % 9_000_000 };
                 let _ = holes;
                 Kind::Regular(FileData::External { size, digest })
             }
-            Spec::File {
-                size,
-                holes,
-                external: None,
-            } => {
+            Spec::File { size, holes, external: None } => {
                 next_source += 1;
-                Kind::Regular(FileData::Inline {
-                    size: *size,
-                    extents: extents(*size, holes),
-                    source: next_source,
-                })
+                Kind::Regular(FileData::Inline { size: *size, extents: extents(*size, holes), source: next_source })
             }
             Spec::Symlink(len) => Kind::Symlink((0..*len).map(|i| b'a' + (i % 26) as u8).collect()),
-            Spec::Chr(a, b) => Kind::CharDevice {
-                major: *a,
-                minor: *b,
-            },
-            Spec::Blk(a, b) => Kind::BlockDevice {
-                major: *a,
-                minor: *b,
-            },
+            Spec::Chr(a, b) => Kind::CharDevice { major: *a, minor: *b },
+            Spec::Blk(a, b) => Kind::BlockDevice { major: *a, minor: *b },
             Spec::Fifo => Kind::Fifo,
             Spec::Sock => Kind::Socket,
         };
@@ -239,27 +197,18 @@ pub fn build(root: Metadata, nodes: &[NodeSpec]) -> Tree {
 
 /// Data extents of a file of `size` bytes with the given holes punched in (sorted, merged).
 fn extents(size: u64, holes: &[(u64, u64)]) -> Vec<Extent> {
-    let mut holes: Vec<(u64, u64)> = holes
-        .iter()
-        .map(|&(o, l)| (o.min(size), (o + l).min(size)))
-        .collect();
+    let mut holes: Vec<(u64, u64)> = holes.iter().map(|&(o, l)| (o.min(size), (o + l).min(size))).collect();
     holes.sort();
     let mut out = Vec::new();
     let mut pos = 0u64;
     for (s, e) in holes {
         if s > pos {
-            out.push(Extent {
-                offset: pos,
-                len: s - pos,
-            });
+            out.push(Extent { offset: pos, len: s - pos });
         }
         pos = pos.max(e);
     }
     if pos < size {
-        out.push(Extent {
-            offset: pos,
-            len: size - pos,
-        });
+        out.push(Extent { offset: pos, len: size - pos });
     }
     out
 }

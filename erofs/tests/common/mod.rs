@@ -7,9 +7,7 @@ pub mod gen;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 
-use erofs::{
-    ContentSource, FileData, Image, Inode, InodeId, Kind, Metadata, Tree, WriteOptions, WriteStats,
-};
+use erofs::{ContentSource, FileData, Image, Inode, InodeId, Kind, Metadata, Tree, WriteOptions, WriteStats};
 
 /// Content byte of file `source` at `offset`: a cheap hash, so every file and position differs.
 pub fn pattern_byte(source: u64, offset: u64) -> u8 {
@@ -38,13 +36,8 @@ impl ContentSource for PatternSource {
 /// The bytes a file written from [`PatternSource`] must read back as.
 pub fn expected_byte(data: &FileData, offset: u64) -> u8 {
     match data {
-        FileData::Inline {
-            extents, source, ..
-        } => {
-            if extents
-                .iter()
-                .any(|e| offset >= e.offset && offset < e.offset + e.len)
-            {
+        FileData::Inline { extents, source, .. } => {
+            if extents.iter().any(|e| offset >= e.offset && offset < e.offset + e.len) {
                 pattern_byte(*source, offset)
             } else {
                 0
@@ -55,13 +48,7 @@ pub fn expected_byte(data: &FileData, offset: u64) -> u8 {
 }
 
 pub fn meta(perm: u16, mtime: i64) -> Metadata {
-    Metadata {
-        perm,
-        uid: 0,
-        gid: 0,
-        mtime,
-        mtime_nsec: 0,
-    }
+    Metadata { perm, uid: 0, gid: 0, mtime, mtime_nsec: 0 }
 }
 
 /// Adds `name` -> new inode under `dir`.
@@ -73,13 +60,8 @@ pub fn add(tree: &mut Tree, dir: InodeId, name: &[u8], inode: Inode) -> InodeId 
 
 pub fn write(tree: &Tree) -> (Vec<u8>, WriteStats) {
     let mut out = Vec::new();
-    let stats = erofs::write_image(
-        tree,
-        &mut PatternSource::default(),
-        &mut out,
-        &WriteOptions::default(),
-    )
-    .expect("write_image");
+    let stats = erofs::write_image(tree, &mut PatternSource::default(), &mut out, &WriteOptions::default())
+        .expect("write_image");
     assert_eq!(out.len() as u64, stats.blocks * 4096);
     (out, stats)
 }
@@ -93,12 +75,7 @@ pub fn assert_same_tree(written: &Tree, read: &Tree, img: &Image<&[u8]>) {
 
 /// Like [`assert_same_tree`], but the written tree's inline bytes come from `origin` (an image whose
 /// nids are the written tree's `source` handles) instead of [`PatternSource`].
-pub fn assert_same_tree_from(
-    written: &Tree,
-    read: &Tree,
-    img: &Image<&[u8]>,
-    origin: Option<&Image<&[u8]>>,
-) {
+pub fn assert_same_tree_from(written: &Tree, read: &Tree, img: &Image<&[u8]>, origin: Option<&Image<&[u8]>>) {
     let mut map: HashMap<InodeId, InodeId> = HashMap::new();
     let mut back: HashMap<InodeId, InodeId> = HashMap::new();
     let mut stack = vec![(erofs::ROOT, erofs::ROOT, "/".to_string())];
@@ -108,10 +85,7 @@ pub fn assert_same_tree_from(
             assert_eq!(prev, r, "{path}: hard link structure differs");
             continue;
         }
-        assert!(
-            back.insert(r, w).is_none(),
-            "{path}: two written inodes read back as one"
-        );
+        assert!(back.insert(r, w).is_none(), "{path}: two written inodes read back as one");
         map.insert(w, r);
         let (wi, ri) = (&written.inodes[w], &read.inodes[r]);
         assert_eq!(wi.meta, ri.meta, "{path}: metadata");
@@ -122,11 +96,7 @@ pub fn assert_same_tree_from(
                 let rn: Vec<_> = re.keys().collect();
                 assert_eq!(wn, rn, "{path}: entry names");
                 for (name, &wc) in we {
-                    let p = format!(
-                        "{}/{}",
-                        path.trim_end_matches('/'),
-                        String::from_utf8_lossy(name)
-                    );
+                    let p = format!("{}/{}", path.trim_end_matches('/'), String::from_utf8_lossy(name));
                     stack.push((wc, re[name], p));
                 }
             }
@@ -134,10 +104,7 @@ pub fn assert_same_tree_from(
                 assert_eq!(wd.size(), rd.size(), "{path}: size");
                 match (wd, rd) {
                     (_, _) if wd.size() == 0 => {}
-                    (
-                        FileData::External { digest: a, .. },
-                        FileData::External { digest: b, .. },
-                    ) => {
+                    (FileData::External { digest: a, .. }, FileData::External { digest: b, .. }) => {
                         assert_eq!(a, b, "{path}: digest")
                     }
                     (FileData::Inline { .. }, FileData::Inline { source, .. }) => {
@@ -152,13 +119,7 @@ pub fn assert_same_tree_from(
     }
 }
 
-fn compare_bytes(
-    path: &str,
-    wd: &FileData,
-    img: &Image<&[u8]>,
-    nid: u64,
-    origin: Option<&Image<&[u8]>>,
-) {
+fn compare_bytes(path: &str, wd: &FileData, img: &Image<&[u8]>, nid: u64, origin: Option<&Image<&[u8]>>) {
     let size = wd.size();
     let mut buf = vec![0u8; 65536];
     let mut want = vec![0u8; 65536];
@@ -169,11 +130,7 @@ fn compare_bytes(
         match (origin, wd) {
             (Some(o), FileData::Inline { source, .. }) => {
                 assert_eq!(o.read_file_at(*source, off, &mut want[..n]).unwrap(), n);
-                assert!(
-                    buf[..n] == want[..n],
-                    "{path}: bytes at {off}..{}",
-                    off + n as u64
-                );
+                assert!(buf[..n] == want[..n], "{path}: bytes at {off}..{}", off + n as u64);
             }
             _ => {
                 for (i, &b) in buf[..n].iter().enumerate() {
@@ -184,11 +141,7 @@ fn compare_bytes(
         }
         off += n as u64;
     }
-    assert_eq!(
-        img.read_file_at(nid, size, &mut buf).unwrap(),
-        0,
-        "{path}: read past the end"
-    );
+    assert_eq!(img.read_file_at(nid, size, &mut buf).unwrap(), 0, "{path}: read past the end");
 }
 
 /// InodeId of the read tree -> nid, recomputed by walking the image the same way `read_tree` does.
@@ -206,91 +159,30 @@ fn nid_map(img: &Image<&[u8]>) -> HashMap<InodeId, u64> {
 /// A small tree with one of everything.
 pub fn sample_tree() -> Tree {
     let mut t = Tree::new(meta(0o755, 1_700_000_000));
-    let etc = add(
-        &mut t,
-        0,
-        b"etc",
-        Inode::new(Kind::Directory(BTreeMap::new()), meta(0o755, 1_700_000_000)),
-    );
+    let etc = add(&mut t, 0, b"etc", Inode::new(Kind::Directory(BTreeMap::new()), meta(0o755, 1_700_000_000)));
     let mut f = Inode::new(
-        Kind::Regular(FileData::Inline {
-            size: 5,
-            extents: vec![erofs::Extent { offset: 0, len: 5 }],
-            source: 1,
-        }),
+        Kind::Regular(FileData::Inline { size: 5, extents: vec![erofs::Extent { offset: 0, len: 5 }], source: 1 }),
         meta(0o644, 1_700_000_000),
     );
-    f.xattrs.insert(
-        b"security.capability".to_vec(),
-        vec![1, 0, 0, 2, 0, 0, 0, 0],
-    );
+    f.xattrs.insert(b"security.capability".to_vec(), vec![1, 0, 0, 2, 0, 0, 0, 0]);
     let hosts = add(&mut t, etc, b"hosts", f);
-    t.entries_mut(0)
-        .unwrap()
-        .insert(b"hosts-link".to_vec(), hosts);
+    t.entries_mut(0).unwrap().insert(b"hosts-link".to_vec(), hosts);
     add(
         &mut t,
         etc,
         b"passwd",
-        Inode::new(
-            Kind::Regular(FileData::External {
-                size: 10_000,
-                digest: [7; 32],
-            }),
-            meta(0o644, 5),
-        ),
+        Inode::new(Kind::Regular(FileData::External { size: 10_000, digest: [7; 32] }), meta(0o644, 5)),
     );
-    add(
-        &mut t,
-        0,
-        b"lnk",
-        Inode::new(
-            Kind::Symlink(b"etc/hosts".to_vec()),
-            meta(0o777, 1_700_000_000),
-        ),
-    );
-    add(
-        &mut t,
-        0,
-        b"null",
-        Inode::new(
-            Kind::CharDevice { major: 1, minor: 3 },
-            meta(0o666, 1_700_000_000),
-        ),
-    );
-    add(
-        &mut t,
-        0,
-        b"sda",
-        Inode::new(
-            Kind::BlockDevice { major: 8, minor: 0 },
-            meta(0o660, 1_700_000_000),
-        ),
-    );
-    add(
-        &mut t,
-        0,
-        b"fifo",
-        Inode::new(Kind::Fifo, meta(0o600, 1_700_000_000)),
-    );
-    add(
-        &mut t,
-        0,
-        b"sock",
-        Inode::new(Kind::Socket, meta(0o600, -5)),
-    );
+    add(&mut t, 0, b"lnk", Inode::new(Kind::Symlink(b"etc/hosts".to_vec()), meta(0o777, 1_700_000_000)));
+    add(&mut t, 0, b"null", Inode::new(Kind::CharDevice { major: 1, minor: 3 }, meta(0o666, 1_700_000_000)));
+    add(&mut t, 0, b"sda", Inode::new(Kind::BlockDevice { major: 8, minor: 0 }, meta(0o660, 1_700_000_000)));
+    add(&mut t, 0, b"fifo", Inode::new(Kind::Fifo, meta(0o600, 1_700_000_000)));
+    add(&mut t, 0, b"sock", Inode::new(Kind::Socket, meta(0o600, -5)));
     add(
         &mut t,
         0,
         b"empty",
-        Inode::new(
-            Kind::Regular(FileData::Inline {
-                size: 0,
-                extents: vec![],
-                source: 2,
-            }),
-            meta(0o644, 1_700_000_000),
-        ),
+        Inode::new(Kind::Regular(FileData::Inline { size: 0, extents: vec![], source: 2 }), meta(0o644, 1_700_000_000)),
     );
     let big = 3 * 4096 + 100;
     add(
@@ -300,10 +192,7 @@ pub fn sample_tree() -> Tree {
         Inode::new(
             Kind::Regular(FileData::Inline {
                 size: big,
-                extents: vec![erofs::Extent {
-                    offset: 0,
-                    len: big,
-                }],
+                extents: vec![erofs::Extent { offset: 0, len: big }],
                 source: 3,
             }),
             meta(0o644, 1_700_000_000),
@@ -316,16 +205,7 @@ pub fn sample_tree() -> Tree {
         Inode::new(
             Kind::Regular(FileData::Inline {
                 size: 1 << 20,
-                extents: vec![
-                    erofs::Extent {
-                        offset: 4096,
-                        len: 100,
-                    },
-                    erofs::Extent {
-                        offset: 900_000,
-                        len: 5000,
-                    },
-                ],
+                extents: vec![erofs::Extent { offset: 4096, len: 100 }, erofs::Extent { offset: 900_000, len: 5000 }],
                 source: 4,
             }),
             meta(0o644, 1_700_000_000),

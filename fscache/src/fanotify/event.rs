@@ -86,12 +86,7 @@ pub enum EventError {
     Version { at: usize, vers: u8 },
     /// Lengths that do not fit the buffer or each other.
     #[error("fanotify event at {at}: event_len {event_len}, metadata_len {metadata_len}, {left} bytes left")]
-    Length {
-        at: usize,
-        event_len: u32,
-        metadata_len: u16,
-        left: usize,
-    },
+    Length { at: usize, event_len: u32, metadata_len: u16, left: usize },
     /// A malformed info record.
     #[error("fanotify info record at {at}: bad length {len}")]
     Info { at: usize, len: u16 },
@@ -120,21 +115,12 @@ pub fn parse(buf: &[u8]) -> (Vec<RawEvent>, Option<EventError>) {
 fn parse_one(buf: &[u8], at: usize) -> Result<(RawEvent, usize), EventError> {
     let rest = &buf[at..];
     let left = rest.len();
-    let (meta, _) =
-        RawMetadata::read_from_prefix(rest).map_err(|_| EventError::Short { at, left })?;
+    let (meta, _) = RawMetadata::read_from_prefix(rest).map_err(|_| EventError::Short { at, left })?;
     if meta.vers != METADATA_VERSION {
-        return Err(EventError::Version {
-            at,
-            vers: meta.vers,
-        });
+        return Err(EventError::Version { at, vers: meta.vers });
     }
     let (event_len, metadata_len) = (meta.event_len.get(), meta.metadata_len.get());
-    let bad_len = EventError::Length {
-        at,
-        event_len,
-        metadata_len,
-        left,
-    };
+    let bad_len = EventError::Length { at, event_len, metadata_len, left };
     let len = usize::try_from(event_len).map_err(|_| bad_len.clone())?;
     let mlen = usize::from(metadata_len);
     if mlen < size_of::<RawMetadata>() || mlen > len || len > left {
@@ -144,40 +130,22 @@ fn parse_one(buf: &[u8], at: usize) -> Result<(RawEvent, usize), EventError> {
     let mut i = mlen;
     while i < len {
         let rec_at = at + i;
-        let (hdr, _) =
-            RawInfoHeader::read_from_prefix(&rest[i..len]).map_err(|_| EventError::Short {
-                at: rec_at,
-                left: len - i,
-            })?;
+        let (hdr, _) = RawInfoHeader::read_from_prefix(&rest[i..len])
+            .map_err(|_| EventError::Short { at: rec_at, left: len - i })?;
         let rlen = usize::from(hdr.len.get());
         if rlen < size_of::<RawInfoHeader>() || rlen > len - i {
-            return Err(EventError::Info {
-                at: rec_at,
-                len: hdr.len.get(),
-            });
+            return Err(EventError::Info { at: rec_at, len: hdr.len.get() });
         }
         if hdr.info_type == INFO_TYPE_RANGE {
-            let (r, _) =
-                RawRange::read_from_prefix(&rest[i..i + rlen]).map_err(|_| EventError::Info {
-                    at: rec_at,
-                    len: hdr.len.get(),
-                })?;
+            let (r, _) = RawRange::read_from_prefix(&rest[i..i + rlen])
+                .map_err(|_| EventError::Info { at: rec_at, len: hdr.len.get() })?;
             let (offset, count) = (r.offset.get(), r.count.get());
-            let end = offset.checked_add(count).ok_or(EventError::Range {
-                at: rec_at,
-                offset,
-                count,
-            })?;
+            let end = offset.checked_add(count).ok_or(EventError::Range { at: rec_at, offset, count })?;
             range = Some(offset..end);
         }
         i += rlen;
     }
-    let event = RawEvent {
-        mask: meta.mask.get(),
-        fd: meta.fd.get(),
-        pid: meta.pid.get(),
-        range,
-    };
+    let event = RawEvent { mask: meta.mask.get(), fd: meta.fd.get(), pid: meta.pid.get(), range };
     Ok((event, len))
 }
 
@@ -212,15 +180,7 @@ mod tests {
         let (events, err) = parse(&buf);
         assert_eq!(err, None);
         assert_eq!(events.len(), 2);
-        assert_eq!(
-            events[0],
-            RawEvent {
-                mask: 0x0010_0000,
-                fd: 7,
-                pid: 1234,
-                range: Some(4096..12288)
-            }
-        );
+        assert_eq!(events[0], RawEvent { mask: 0x0010_0000, fd: 7, pid: 1234, range: Some(4096..12288) });
         assert_eq!(events[1].fd, -1);
         assert_eq!(events[1].range, None);
     }

@@ -23,9 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::backend::{Backend, Errno, ObjectKey};
-use crate::cachefiles::{
-    self, enobufs_backoff, Device, ObjectFd, OpenRequest, ReadRequest, Request,
-};
+use crate::cachefiles::{self, enobufs_backoff, Device, ObjectFd, OpenRequest, ReadRequest, Request};
 use crate::proto::{opcode, Command};
 use crate::sys::aligned::BLOCK;
 use crate::sys::uring::{Done, FdHold, Op, Uring, WriteBuf};
@@ -47,11 +45,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config {
-            entries: 256,
-            workers: 16,
-            max_read_len: 64 << 20,
-        }
+        Config { entries: 256, workers: 16, max_read_len: 64 << 20 }
     }
 }
 
@@ -62,9 +56,7 @@ pub enum RingError {
     #[error("io_uring lacks {0:?}: the cachefiles loop needs Linux >= 5.6 with io_uring enabled")]
     Unsupported(Vec<&'static str>),
     /// io_uring could not be set up (ENOSYS, or EPERM under kernel.io_uring_disabled).
-    #[error(
-        "io_uring setup failed (is io_uring disabled by sysctl kernel.io_uring_disabled?): {0}"
-    )]
+    #[error("io_uring setup failed (is io_uring disabled by sysctl kernel.io_uring_disabled?): {0}")]
     Setup(#[source] std::io::Error),
     /// Starting worker threads or the wake eventfd failed.
     #[error("starting the cachefiles loop: {0}")]
@@ -124,25 +116,9 @@ enum Tag<O> {
     DevPoll,
     DevRead,
     Wake,
-    Copen {
-        msg_id: u32,
-        object_id: u32,
-        ok: bool,
-        _fd: Option<ObjectFd>,
-    },
-    Fill {
-        msg_id: u32,
-        obj: Arc<Object<O>>,
-        attempt: u32,
-    },
-    Backoff {
-        msg_id: u32,
-        obj: Arc<Object<O>>,
-        attempt: u32,
-        buf: WriteBuf,
-        offset: u64,
-        done: usize,
-    },
+    Copen { msg_id: u32, object_id: u32, ok: bool, _fd: Option<ObjectFd> },
+    Fill { msg_id: u32, obj: Arc<Object<O>>, attempt: u32 },
+    Backoff { msg_id: u32, obj: Arc<Object<O>>, attempt: u32, buf: WriteBuf, offset: u64, done: usize },
 }
 
 /// The cachefiles frontend: serves one [`Device`] (already bound, or restored) with a [`Backend`].
@@ -159,9 +135,7 @@ pub struct Server<B: Backend> {
 
 impl<B: Backend> std::fmt::Debug for Server<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server")
-            .field("objects", &self.objects.len())
-            .finish_non_exhaustive()
+        f.debug_struct("Server").field("objects", &self.objects.len()).finish_non_exhaustive()
     }
 }
 
@@ -175,23 +149,10 @@ impl<B: Backend> Server<B> {
         };
         let wake = sys::eventfd().map_err(RingError::Start)?;
         let wake_hold: FdHold = Arc::new(wake.try_clone().map_err(RingError::Start)?);
-        let shared = Arc::new(Shared {
-            posted: Mutex::new(Vec::new()),
-            wake,
-            stop: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Shared { posted: Mutex::new(Vec::new()), wake, stop: AtomicBool::new(false) });
         let pool = Pool::new(config.workers, "wisp-cachefiles").map_err(RingError::Start)?;
         let dev = Arc::new(device);
-        Ok(Server {
-            dev,
-            wake: wake_hold,
-            backend,
-            config,
-            uring,
-            shared,
-            objects: HashMap::new(),
-            pool,
-        })
+        Ok(Server { dev, wake: wake_hold, backend, config, uring, shared, objects: HashMap::new(), pool })
     }
 
     /// A handle that stops [`Server::run`].
@@ -206,29 +167,13 @@ impl<B: Backend> Server<B> {
 
     /// Serves requests until stopped or the device fails.
     pub fn run(&mut self) -> Result<(), RingError> {
-        self.push(
-            Tag::DevPoll,
-            Op::Poll {
-                fd: self.dev.clone(),
-                events: libc::POLLIN as u32,
-            },
-        );
-        self.push(
-            Tag::Wake,
-            Op::ReadCounter {
-                fd: self.wake.clone(),
-            },
-        );
+        self.push(Tag::DevPoll, Op::Poll { fd: self.dev.clone(), events: libc::POLLIN as u32 });
+        self.push(Tag::Wake, Op::ReadCounter { fd: self.wake.clone() });
         while !self.shared.stop.load(Ordering::SeqCst) {
             for (tag, done) in self.uring.wait().map_err(RingError::Wait)? {
                 self.complete(tag, done)?;
             }
-            let posted = self
-                .shared
-                .posted
-                .lock()
-                .map(|mut q| std::mem::take(&mut *q))
-                .unwrap_or_default();
+            let posted = self.shared.posted.lock().map(|mut q| std::mem::take(&mut *q)).unwrap_or_default();
             for p in posted {
                 self.on_posted(p);
             }
@@ -252,13 +197,7 @@ impl<B: Backend> Server<B> {
             (Tag::DevRead, Done::ReadMessage { fd, result }) => {
                 let (msg, anon) = result.map_err(RingError::Device)?;
                 if msg.is_empty() {
-                    self.push(
-                        Tag::DevPoll,
-                        Op::Poll {
-                            fd,
-                            events: libc::POLLIN as u32,
-                        },
-                    );
+                    self.push(Tag::DevPoll, Op::Poll { fd, events: libc::POLLIN as u32 });
                 } else {
                     self.on_message(&msg, anon);
                     self.push(Tag::DevRead, Op::ReadMessage { fd });
@@ -270,15 +209,7 @@ impl<B: Backend> Server<B> {
                 }
                 self.push(Tag::Wake, Op::ReadCounter { fd });
             }
-            (
-                Tag::Copen {
-                    msg_id,
-                    object_id,
-                    ok,
-                    ..
-                },
-                Done::Write { result, .. },
-            ) => {
+            (Tag::Copen { msg_id, object_id, ok, .. }, Done::Write { result, .. }) => {
                 if let Err(e) = result {
                     tracing::error!(msg_id, object_id, error = %e, "copen rejected by the kernel");
                     if ok {
@@ -286,45 +217,12 @@ impl<B: Backend> Server<B> {
                     }
                 }
             }
-            (
-                Tag::Fill {
-                    msg_id,
-                    obj,
-                    attempt,
-                },
-                Done::Write {
-                    buf,
-                    offset,
-                    done,
-                    result,
-                    ..
-                },
-            ) => self.on_fill_written(msg_id, obj, attempt, buf, offset.unwrap_or(0), done, result),
-            (
-                Tag::Backoff {
-                    msg_id,
-                    obj,
-                    attempt,
-                    buf,
-                    offset,
-                    done,
-                },
-                Done::Sleep,
-            ) => {
+            (Tag::Fill { msg_id, obj, attempt }, Done::Write { buf, offset, done, result, .. }) => {
+                self.on_fill_written(msg_id, obj, attempt, buf, offset.unwrap_or(0), done, result)
+            }
+            (Tag::Backoff { msg_id, obj, attempt, buf, offset, done }, Done::Sleep) => {
                 let fd: FdHold = obj.clone();
-                self.push(
-                    Tag::Fill {
-                        msg_id,
-                        obj,
-                        attempt,
-                    },
-                    Op::Write {
-                        fd,
-                        buf,
-                        offset: Some(offset),
-                        done,
-                    },
-                );
+                self.push(Tag::Fill { msg_id, obj, attempt }, Op::Write { fd, buf, offset: Some(offset), done });
             }
             _ => tracing::error!("io_uring completion does not match its submission"),
         }
@@ -343,11 +241,7 @@ impl<B: Backend> Server<B> {
                 let backend = self.backend.clone();
                 self.pool.spawn(move || backend.close(&obj.object));
             }
-            Err(cachefiles::Error::Malformed {
-                msg_id: Some(msg_id),
-                opcode: Some(opcode::OPEN),
-                source,
-            }) => {
+            Err(cachefiles::Error::Malformed { msg_id: Some(msg_id), opcode: Some(opcode::OPEN), source }) => {
                 tracing::error!(msg_id, error = %source, "malformed OPEN; failing it");
                 self.copen(msg_id, 0, Err(Errno::EINVAL), None);
             }
@@ -361,17 +255,9 @@ impl<B: Backend> Server<B> {
 
     fn on_open(&mut self, open: OpenRequest) {
         let backend = self.backend.clone();
-        let (domain, name) = (
-            open.domain().map(str::to_owned),
-            open.tag().map(str::to_owned),
-        );
+        let (domain, name) = (open.domain().map(str::to_owned), open.tag().map(str::to_owned));
         let (msg_id, object_id) = (open.msg_id, open.object_id);
-        let mut guard = OpenGuard {
-            shared: self.shared.clone(),
-            msg_id,
-            object_id,
-            fd: Some(open.fd),
-        };
+        let mut guard = OpenGuard { shared: self.shared.clone(), msg_id, object_id, fd: Some(open.fd) };
         self.pool.spawn(move || {
             let result = match (&domain, &name) {
                 (Some(domain), Some(name)) => backend.open(&ObjectKey { domain, name }),
@@ -382,12 +268,7 @@ impl<B: Backend> Server<B> {
     }
 
     fn on_read(&mut self, read: ReadRequest) {
-        let ReadRequest {
-            msg_id,
-            object_id,
-            off,
-            len,
-        } = read;
+        let ReadRequest { msg_id, object_id, off, len } = read;
         let Some(obj) = self.objects.get(&object_id).cloned() else {
             // Without the object's fd the READ cannot even be completed; the kernel re-OPENs objects
             // whose fds were closed, so this means a protocol error.
@@ -395,28 +276,14 @@ impl<B: Backend> Server<B> {
             return;
         };
         let start = off / BLOCK as u64 * BLOCK as u64;
-        let end = off
-            .saturating_add(len)
-            .div_ceil(BLOCK as u64)
-            .saturating_mul(BLOCK as u64);
+        let end = off.saturating_add(len).div_ceil(BLOCK as u64).saturating_mul(BLOCK as u64);
         if end - start > self.config.max_read_len {
-            tracing::error!(
-                msg_id,
-                object_id,
-                off,
-                len,
-                "READ larger than max_read_len; failing it"
-            );
+            tracing::error!(msg_id, object_id, off, len, "READ larger than max_read_len; failing it");
             complete_read(&obj, msg_id);
             return;
         }
         let backend = self.backend.clone();
-        let mut guard = FillGuard {
-            shared: self.shared.clone(),
-            msg_id,
-            obj: Some(obj),
-            offset: start,
-        };
+        let mut guard = FillGuard { shared: self.shared.clone(), msg_id, obj: Some(obj), offset: start };
         self.pool.spawn(move || {
             let Some(obj) = guard.obj.clone() else { return };
             let result = fill_window(&*backend, &obj, start..end);
@@ -426,100 +293,41 @@ impl<B: Backend> Server<B> {
 
     fn on_posted(&mut self, p: Posted<B::Object>) {
         match p {
-            Posted::Opened {
-                msg_id,
-                object_id,
-                fd,
-                result: Ok(opened),
-            } => {
+            Posted::Opened { msg_id, object_id, fd, result: Ok(opened) } => {
                 let size = opened.size;
-                let obj = Arc::new(Object {
-                    id: object_id,
-                    fd,
-                    object: opened.object,
-                    size,
-                });
+                let obj = Arc::new(Object { id: object_id, fd, object: opened.object, size });
                 if self.objects.insert(object_id, obj).is_some() {
                     tracing::warn!(object_id, "OPEN replaced a live object with the same id");
                 }
                 self.copen(msg_id, object_id, Ok(size), None);
             }
-            Posted::Opened {
-                msg_id,
-                object_id,
-                fd,
-                result: Err(errno),
-            } => {
+            Posted::Opened { msg_id, object_id, fd, result: Err(errno) } => {
                 tracing::warn!(msg_id, object_id, %errno, "backend refused OPEN");
                 self.copen(msg_id, object_id, Err(errno), Some(fd));
             }
-            Posted::Filled {
-                msg_id,
-                obj,
-                offset,
-                result: Ok(buf),
-            } => {
+            Posted::Filled { msg_id, obj, offset, result: Ok(buf) } => {
                 if buf.is_empty() {
                     complete_read(&obj, msg_id);
                 } else {
                     let fd: FdHold = obj.clone();
-                    let op = Op::Write {
-                        fd,
-                        buf: WriteBuf::Aligned(buf),
-                        offset: Some(offset),
-                        done: 0,
-                    };
-                    self.push(
-                        Tag::Fill {
-                            msg_id,
-                            obj,
-                            attempt: 0,
-                        },
-                        op,
-                    );
+                    let op = Op::Write { fd, buf: WriteBuf::Aligned(buf), offset: Some(offset), done: 0 };
+                    self.push(Tag::Fill { msg_id, obj, attempt: 0 }, op);
                 }
             }
-            Posted::Filled {
-                msg_id,
-                obj,
-                offset,
-                result: Err(errno),
-            } => {
+            Posted::Filled { msg_id, obj, offset, result: Err(errno) } => {
                 tracing::warn!(msg_id, object_id = obj.id, offset, %errno, "fill failed; reader gets EIO");
                 complete_read(&obj, msg_id);
             }
         }
     }
 
-    fn copen(
-        &mut self,
-        msg_id: u32,
-        object_id: u32,
-        result: Result<u64, Errno>,
-        fd: Option<ObjectFd>,
-    ) {
+    fn copen(&mut self, msg_id: u32, object_id: u32, result: Result<u64, Errno>, fd: Option<ObjectFd>) {
         let ok = result.is_ok();
-        let cmd = Command::Copen {
-            msg_id,
-            result: result.map_err(|e| e as i32),
-        };
+        let cmd = Command::Copen { msg_id, result: result.map_err(|e| e as i32) };
         match cmd.encode() {
             Ok(bytes) => {
-                let op = Op::Write {
-                    fd: self.dev.clone(),
-                    buf: WriteBuf::Plain(bytes),
-                    offset: None,
-                    done: 0,
-                };
-                self.push(
-                    Tag::Copen {
-                        msg_id,
-                        object_id,
-                        ok,
-                        _fd: fd,
-                    },
-                    op,
-                );
+                let op = Op::Write { fd: self.dev.clone(), buf: WriteBuf::Plain(bytes), offset: None, done: 0 };
+                self.push(Tag::Copen { msg_id, object_id, ok, _fd: fd }, op);
             }
             Err(e) => tracing::error!(msg_id, error = %e, "cannot encode copen"),
         }
@@ -539,66 +347,22 @@ impl<B: Backend> Server<B> {
         let total = buf.bytes().len();
         match result {
             Ok(n) if n > 0 && done + n < total => {
-                let op = Op::Write {
-                    fd: obj.clone(),
-                    buf,
-                    offset: Some(offset),
-                    done: done + n,
-                };
-                self.push(
-                    Tag::Fill {
-                        msg_id,
-                        obj,
-                        attempt,
-                    },
-                    op,
-                );
+                let op = Op::Write { fd: obj.clone(), buf, offset: Some(offset), done: done + n };
+                self.push(Tag::Fill { msg_id, obj, attempt }, op);
             }
             Ok(n) if n > 0 => complete_read(&obj, msg_id),
             Ok(_) => {
-                tracing::error!(
-                    msg_id,
-                    object_id = obj.id,
-                    offset,
-                    "object write made no progress"
-                );
+                tracing::error!(msg_id, object_id = obj.id, offset, "object write made no progress");
                 complete_read(&obj, msg_id);
             }
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {
-                let op = Op::Write {
-                    fd: obj.clone(),
-                    buf,
-                    offset: Some(offset),
-                    done,
-                };
-                self.push(
-                    Tag::Fill {
-                        msg_id,
-                        obj,
-                        attempt,
-                    },
-                    op,
-                );
+                let op = Op::Write { fd: obj.clone(), buf, offset: Some(offset), done };
+                self.push(Tag::Fill { msg_id, obj, attempt }, op);
             }
-            Err(e)
-                if e.raw_os_error() == Some(libc::ENOBUFS)
-                    && enobufs_backoff(attempt).is_some() =>
-            {
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) && enobufs_backoff(attempt).is_some() => {
                 let delay = enobufs_backoff(attempt).unwrap_or_default();
-                tracing::debug!(
-                    msg_id,
-                    object_id = obj.id,
-                    ?delay,
-                    "object write got ENOBUFS, retrying"
-                );
-                let tag = Tag::Backoff {
-                    msg_id,
-                    obj,
-                    attempt: attempt + 1,
-                    buf,
-                    offset,
-                    done,
-                };
+                tracing::debug!(msg_id, object_id = obj.id, ?delay, "object write got ENOBUFS, retrying");
+                let tag = Tag::Backoff { msg_id, obj, attempt: attempt + 1, buf, offset, done };
                 self.push(tag, Op::Sleep { delay });
             }
             Err(e) => {

@@ -13,18 +13,8 @@ use crate::sys::aligned::AlignedBuf;
 
 /// Results posted by workers.
 pub(super) enum Posted<O> {
-    Opened {
-        msg_id: u32,
-        object_id: u32,
-        fd: ObjectFd,
-        result: Result<Opened<O>, Errno>,
-    },
-    Filled {
-        msg_id: u32,
-        obj: Arc<Object<O>>,
-        offset: u64,
-        result: Result<AlignedBuf, Errno>,
-    },
+    Opened { msg_id: u32, object_id: u32, fd: ObjectFd, result: Result<Opened<O>, Errno> },
+    Filled { msg_id: u32, obj: Arc<Object<O>>, offset: u64, result: Result<AlignedBuf, Errno> },
 }
 
 pub(super) struct Shared<O> {
@@ -56,19 +46,11 @@ pub(super) fn fill_window<B: Backend>(
 ) -> Result<AlignedBuf, Errno> {
     let len = usize::try_from(win.end - win.start).map_err(|_| Errno::EFBIG)?;
     let want = clip(win.clone(), &(0..obj.size));
-    let mut sink = BufSink {
-        base: win.start,
-        buf: AlignedBuf::zeroed(len),
-        coverage: Coverage::default(),
-    };
+    let mut sink = BufSink { base: win.start, buf: AlignedBuf::zeroed(len), coverage: Coverage::default() };
     if !want.is_empty() {
         backend.fill(&obj.object, want.clone(), &mut sink)?;
         if !sink.coverage.covers(&want) {
-            tracing::error!(
-                object_id = obj.id,
-                ?want,
-                "backend left part of the range unwritten"
-            );
+            tracing::error!(object_id = obj.id, ?want, "backend left part of the range unwritten");
             return Err(Errno::EIO);
         }
     }
@@ -91,11 +73,7 @@ impl FillSink for BufSink {
             return Ok(());
         }
         let idx = |x: u64| usize::try_from(x).map_err(|_| Errno::EINVAL);
-        let (from, to, at) = (
-            idx(keep.start - offset)?,
-            idx(keep.end - offset)?,
-            idx(keep.start - self.base)?,
-        );
+        let (from, to, at) = (idx(keep.start - offset)?, idx(keep.end - offset)?, idx(keep.start - self.base)?);
         self.buf[at..at + (to - from)].copy_from_slice(&data[from..to]);
         self.coverage.add(keep);
         Ok(())
@@ -113,12 +91,7 @@ pub(super) struct OpenGuard<O> {
 impl<O> OpenGuard<O> {
     pub(super) fn finish(&mut self, result: Result<Opened<O>, Errno>) {
         if let Some(fd) = self.fd.take() {
-            self.shared.post(Posted::Opened {
-                msg_id: self.msg_id,
-                object_id: self.object_id,
-                fd,
-                result,
-            });
+            self.shared.post(Posted::Opened { msg_id: self.msg_id, object_id: self.object_id, fd, result });
         }
     }
 }
@@ -140,12 +113,7 @@ pub(super) struct FillGuard<O> {
 impl<O> FillGuard<O> {
     pub(super) fn finish(&mut self, result: Result<AlignedBuf, Errno>) {
         if let Some(obj) = self.obj.take() {
-            self.shared.post(Posted::Filled {
-                msg_id: self.msg_id,
-                obj,
-                offset: self.offset,
-                result,
-            });
+            self.shared.post(Posted::Filled { msg_id: self.msg_id, obj, offset: self.offset, result });
         }
     }
 }

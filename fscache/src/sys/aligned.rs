@@ -27,13 +27,11 @@ impl AlignedBuf {
     /// Panics only if the allocator fails, like `Vec`.
     pub fn zeroed(len: usize) -> Self {
         let cap = len.div_ceil(BLOCK).max(1).saturating_mul(BLOCK);
-        let layout = Layout::from_size_align(cap, BLOCK)
-            .unwrap_or_else(|_| alloc::handle_alloc_error(Layout::new::<u8>()));
+        let layout =
+            Layout::from_size_align(cap, BLOCK).unwrap_or_else(|_| alloc::handle_alloc_error(Layout::new::<u8>()));
         // SAFETY: `layout` has a non-zero size (cap >= BLOCK) and a valid power-of-two alignment.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            alloc::handle_alloc_error(layout)
-        };
+        let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
         AlignedBuf { ptr, len, cap }
     }
 
@@ -72,21 +70,13 @@ impl std::ops::DerefMut for AlignedBuf {
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in `zeroed` with exactly this size and alignment.
-        unsafe {
-            alloc::dealloc(
-                self.ptr.as_ptr(),
-                Layout::from_size_align_unchecked(self.cap, BLOCK),
-            )
-        }
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), Layout::from_size_align_unchecked(self.cap, BLOCK)) }
     }
 }
 
 impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AlignedBuf")
-            .field("len", &self.len)
-            .field("cap", &self.cap)
-            .finish()
+        f.debug_struct("AlignedBuf").field("len", &self.len).field("cap", &self.cap).finish()
     }
 }
 

@@ -23,10 +23,7 @@ pub(super) fn adopt_open_fd(msg: &[u8]) -> Option<io::Result<OwnedFd>> {
 
 /// One `read(2)` of the devnode into `buf`; returns the byte count (0: nothing pending) and, for an OPEN,
 /// the adopted anonymous fd.
-pub fn read_message(
-    dev: BorrowedFd<'_>,
-    buf: &mut [u8],
-) -> io::Result<(usize, Option<io::Result<OwnedFd>>)> {
+pub fn read_message(dev: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<io::Result<OwnedFd>>)> {
     let n = loop {
         match nix::unistd::read(dev.as_raw_fd(), buf) {
             Ok(n) => break n,
@@ -34,11 +31,7 @@ pub fn read_message(
             Err(e) => return Err(e.into()),
         }
     };
-    let fd = if n > 0 {
-        adopt_open_fd(&buf[..n])
-    } else {
-        None
-    };
+    let fd = if n > 0 { adopt_open_fd(&buf[..n]) } else { None };
     Ok((n, fd))
 }
 

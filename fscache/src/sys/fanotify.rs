@@ -42,8 +42,7 @@ pub fn mark(group: BorrowedFd<'_>, flags: u32, mask: u64, target: Target<'_>) ->
     let path;
     let (dirfd, path_ptr) = match target {
         Target::Path(p) => {
-            path = CString::new(p.as_os_str().as_bytes())
-                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            path = CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
             (libc::AT_FDCWD, path.as_ptr())
         }
         Target::Fd(fd) => (fd.as_raw_fd(), std::ptr::null()),
@@ -72,10 +71,7 @@ pub struct Event {
 
 /// Reads what is queued (EAGAIN: nothing) and adopts each event's fd. Events before a malformed record
 /// come back with the error.
-pub fn read_events(
-    group: BorrowedFd<'_>,
-    buf: &mut [u8],
-) -> io::Result<(Vec<Event>, Option<EventError>)> {
+pub fn read_events(group: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(Vec<Event>, Option<EventError>)> {
     let n = loop {
         match nix::unistd::read(group.as_raw_fd(), buf) {
             Ok(n) => break n,
@@ -89,17 +85,8 @@ pub fn read_events(
     for e in raw {
         // Each non-negative fd in an event was installed for this process by this read
         // (fanotify's copy_event_to_user); no one else knows the number.
-        let fd = if e.fd >= 0 {
-            Some(super::adopt(e.fd)?)
-        } else {
-            None
-        };
-        events.push(Event {
-            mask: e.mask,
-            fd,
-            pid: e.pid,
-            range: e.range,
-        });
+        let fd = if e.fd >= 0 { Some(super::adopt(e.fd)?) } else { None };
+        events.push(Event { mask: e.mask, fd, pid: e.pid, range: e.range });
     }
     Ok((events, err))
 }

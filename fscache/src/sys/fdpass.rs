@@ -14,19 +14,9 @@ pub fn send(sock: BorrowedFd<'_>, payload: &[u8], fds: &[BorrowedFd<'_>]) -> io:
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let cmsgs = if raw.is_empty() {
-        Vec::new()
-    } else {
-        vec![ControlMessage::ScmRights(&raw)]
-    };
+    let cmsgs = if raw.is_empty() { Vec::new() } else { vec![ControlMessage::ScmRights(&raw)] };
     loop {
-        match sendmsg::<()>(
-            sock.as_raw_fd(),
-            &[IoSlice::new(payload)],
-            &cmsgs,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        ) {
+        match sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(payload)], &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
             Ok(n) => return Ok(n),
             Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(e.into()),
@@ -50,12 +40,7 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
     let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = loop {
-        match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg_space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
+        match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg_space), MsgFlags::MSG_CMSG_CLOEXEC) {
             Ok(m) => break m,
             Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(e.into()),
@@ -69,16 +54,7 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
     }
     // Adopt every fd first, so that none leaks whatever happens next. Each came from this recvmsg, which
     // installed it for this process (scm_detach_fds); no one else knows its number.
-    let fds = raw
-        .into_iter()
-        .map(super::adopt)
-        .collect::<io::Result<Vec<_>>>()?;
-    let truncated = msg
-        .flags
-        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
-    Ok(Received {
-        len: msg.bytes,
-        fds,
-        truncated,
-    })
+    let fds = raw.into_iter().map(super::adopt).collect::<io::Result<Vec<_>>>()?;
+    let truncated = msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+    Ok(Received { len: msg.bytes, fds, truncated })
 }

@@ -43,12 +43,7 @@ pub enum Op {
     /// Read 8 bytes (an eventfd counter).
     ReadCounter { fd: FdHold },
     /// Write `buf[done..]` at `offset + done` (`offset` None: the fd's own position, for devnodes).
-    Write {
-        fd: FdHold,
-        buf: WriteBuf,
-        offset: Option<u64>,
-        done: usize,
-    },
+    Write { fd: FdHold, buf: WriteBuf, offset: Option<u64>, done: usize },
     /// Complete after `delay`.
     Sleep { delay: Duration },
 }
@@ -58,19 +53,11 @@ pub enum Done {
     /// Poll finished: revents or error.
     Poll { fd: FdHold, result: io::Result<u32> },
     /// A message read: `n` bytes (0 = nothing pending) and, for an OPEN, the adopted anonymous fd.
-    ReadMessage {
-        fd: FdHold,
-        result: io::Result<(Vec<u8>, Option<io::Result<OwnedFd>>)>,
-    },
+    ReadMessage { fd: FdHold, result: io::Result<(Vec<u8>, Option<io::Result<OwnedFd>>)> },
     /// The eventfd was read (or failed, e.g. EAGAIN).
     ReadCounter { fd: FdHold, result: io::Result<u64> },
     /// A write finished (possibly short: compare `done` with the buffer length).
-    Write {
-        buf: WriteBuf,
-        offset: Option<u64>,
-        done: usize,
-        result: io::Result<usize>,
-    },
+    Write { buf: WriteBuf, offset: Option<u64>, done: usize, result: io::Result<usize> },
     /// The delay elapsed (or was cancelled).
     Sleep,
 }
@@ -116,20 +103,11 @@ impl<T> Uring<T> {
         let ring = IoUring::new(entries).map_err(Err)?;
         let mut probe = Probe::new();
         ring.submitter().register_probe(&mut probe).map_err(Err)?;
-        let missing: Vec<_> = NEEDED
-            .iter()
-            .filter(|(c, _)| !probe.is_supported(*c))
-            .map(|(_, n)| *n)
-            .collect();
+        let missing: Vec<_> = NEEDED.iter().filter(|(c, _)| !probe.is_supported(*c)).map(|(_, n)| *n).collect();
         if !missing.is_empty() {
             return Err(Ok(missing));
         }
-        Ok(Uring {
-            ring,
-            slots: Vec::new(),
-            free: Vec::new(),
-            in_flight: 0,
-        })
+        Ok(Uring { ring, slots: Vec::new(), free: Vec::new(), in_flight: 0 })
     }
 
     /// Queues `op` (submitting first if the submission queue is full).
@@ -142,43 +120,28 @@ impl<T> Uring<T> {
             Op::Poll { fd, events } => Held::Poll(fd, events),
             Op::ReadMessage { fd } => Held::ReadMessage(fd, Box::new([0; MSG_MAX_SIZE])),
             Op::ReadCounter { fd } => Held::ReadCounter(fd, Box::new([0; 8])),
-            Op::Write {
-                fd,
-                buf,
-                offset,
-                done,
-            } => Held::Write(fd, buf, offset, done),
-            Op::Sleep { delay } => Held::Sleep(Box::new(
-                types::Timespec::new()
-                    .sec(delay.as_secs())
-                    .nsec(delay.subsec_nanos()),
-            )),
+            Op::Write { fd, buf, offset, done } => Held::Write(fd, buf, offset, done),
+            Op::Sleep { delay } => {
+                Held::Sleep(Box::new(types::Timespec::new().sec(delay.as_secs()).nsec(delay.subsec_nanos())))
+            }
         };
         let slot = self.slots[index].insert(Slot { tag, held });
         let user_data = index as u64;
         let sqe = match &mut slot.held {
-            Held::Poll(fd, events) => {
-                opcode::PollAdd::new(types::Fd(fd.as_fd().as_raw_fd()), *events).build()
-            }
-            Held::ReadMessage(fd, buf) => opcode::Read::new(
-                types::Fd(fd.as_fd().as_raw_fd()),
-                buf.as_mut_ptr(),
-                MSG_LEN_U32,
-            )
-            .offset(u64::MAX)
-            .build(),
-            Held::ReadCounter(fd, buf) => {
-                opcode::Read::new(types::Fd(fd.as_fd().as_raw_fd()), buf.as_mut_ptr(), 8)
+            Held::Poll(fd, events) => opcode::PollAdd::new(types::Fd(fd.as_fd().as_raw_fd()), *events).build(),
+            Held::ReadMessage(fd, buf) => {
+                opcode::Read::new(types::Fd(fd.as_fd().as_raw_fd()), buf.as_mut_ptr(), MSG_LEN_U32)
                     .offset(u64::MAX)
                     .build()
+            }
+            Held::ReadCounter(fd, buf) => {
+                opcode::Read::new(types::Fd(fd.as_fd().as_raw_fd()), buf.as_mut_ptr(), 8).offset(u64::MAX).build()
             }
             Held::Write(fd, buf, offset, done) => {
                 let rest = &buf.bytes()[*done..];
                 let len = u32::try_from(rest.len()).unwrap_or(!4095);
                 let off = offset.map_or(u64::MAX, |o| o + *done as u64);
-                opcode::Write::new(types::Fd(fd.as_fd().as_raw_fd()), rest.as_ptr(), len)
-                    .offset(off)
-                    .build()
+                opcode::Write::new(types::Fd(fd.as_fd().as_raw_fd()), rest.as_ptr(), len).offset(off).build()
             }
             Held::Sleep(ts) => opcode::Timeout::new(&**ts as *const types::Timespec).build(),
         };
@@ -214,11 +177,7 @@ impl<T> Uring<T> {
     }
 
     fn reap(&mut self) -> Vec<(T, Done)> {
-        let cqes: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
+        let cqes: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
         let mut out = Vec::with_capacity(cqes.len());
         for (user_data, res) in cqes {
             if user_data == CANCEL_TAG {
@@ -241,33 +200,22 @@ impl<T> Uring<T> {
                 }
             };
             let done = match slot.held {
-                Held::Poll(fd, _) => Done::Poll {
-                    fd,
-                    result: result(res),
-                },
+                Held::Poll(fd, _) => Done::Poll { fd, result: result(res) },
                 Held::ReadMessage(fd, buf) => {
                     let result = result(res).map(|n| {
                         let msg = buf[..(n as usize).min(MSG_MAX_SIZE)].to_vec();
                         // The read just completed for this process: adopt an OPEN's fd now.
-                        let anon = if msg.is_empty() {
-                            None
-                        } else {
-                            super::cachefiles::adopt_open_fd(&msg)
-                        };
+                        let anon = if msg.is_empty() { None } else { super::cachefiles::adopt_open_fd(&msg) };
                         (msg, anon)
                     });
                     Done::ReadMessage { fd, result }
                 }
-                Held::ReadCounter(fd, buf) => Done::ReadCounter {
-                    fd,
-                    result: result(res).map(|_| u64::from_ne_bytes(*buf)),
-                },
-                Held::Write(_fd, buf, offset, done) => Done::Write {
-                    buf,
-                    offset,
-                    done,
-                    result: result(res).map(|n| n as usize),
-                },
+                Held::ReadCounter(fd, buf) => {
+                    Done::ReadCounter { fd, result: result(res).map(|_| u64::from_ne_bytes(*buf)) }
+                }
+                Held::Write(_fd, buf, offset, done) => {
+                    Done::Write { buf, offset, done, result: result(res).map(|n| n as usize) }
+                }
                 Held::Sleep(_) => Done::Sleep,
             };
             out.push((slot.tag, done));
@@ -278,17 +226,10 @@ impl<T> Uring<T> {
 
 impl<T> Drop for Uring<T> {
     fn drop(&mut self) {
-        let live: Vec<u64> = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.is_some())
-            .map(|(i, _)| i as u64)
-            .collect();
+        let live: Vec<u64> =
+            self.slots.iter().enumerate().filter(|(_, s)| s.is_some()).map(|(i, _)| i as u64).collect();
         for user_data in live {
-            let sqe = opcode::AsyncCancel::new(user_data)
-                .build()
-                .user_data(CANCEL_TAG);
+            let sqe = opcode::AsyncCancel::new(user_data).build().user_data(CANCEL_TAG);
             if self.push_sqe(&sqe).is_err() {
                 break;
             }

@@ -73,6 +73,9 @@ struct Inner<B: Backend> {
     fills: AtomicU64,
     failures: AtomicU64,
     journal: OnceLock<Journal>,
+    /// Fd numbers held open so that no new event fd gets the number of a dead worker's event that is
+    /// still pending: the kernel matches a response to the first pending event with that number.
+    reserved: Mutex<Vec<std::fs::File>>,
 }
 
 /// Stops [`Frontend::run`] from another thread.
@@ -121,6 +124,7 @@ impl<B: Backend> Frontend<B> {
             fills: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             journal: OnceLock::new(),
+            reserved: Mutex::new(Vec::new()),
         };
         Ok(Frontend { inner: Arc::new(inner), pool })
     }
@@ -194,6 +198,23 @@ impl<B: Backend> Frontend<B> {
                         if inner.group.respond_number(o.fd, Response::Allow).is_ok() {
                             r.allowed += 1;
                         }
+                    }
+                }
+            }
+        }
+        // The resumed events stay pending until their fill ends. The kernel finds the event a response
+        // is for by fd number alone, so a new event read into one of those numbers would have its
+        // answer applied to the old event, letting its reader see an unfilled (zero) range. Hold every
+        // free number up to the highest pending one before reading any event.
+        if let Some(max) = left.orphans.iter().map(|o| o.fd).max() {
+            let mut held = inner.reserved.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                match std::fs::File::open("/dev/null") {
+                    Ok(f) if std::os::fd::AsRawFd::as_raw_fd(&f) <= max => held.push(f),
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "reserving fd numbers of pending events");
+                        break;
                     }
                 }
             }

@@ -8,7 +8,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use sha2::{Digest as _, Sha256};
 
 /// Block size that every object file is padded to.
@@ -47,48 +47,6 @@ impl ObjectDir {
         fs::metadata(self.path(digest)).map(|m| m.is_file() && m.len() == padded_len(size)).unwrap_or(false)
     }
 
-    /// Copies `src` (of content size `size` and sha256 `digest`) into the store unless it is already
-    /// there. The copy is hashed again while it is written; a mismatch (the source changed under us)
-    /// is an error and leaves nothing behind. Returns whether a new object was written.
-    pub fn put_file(&self, digest: &[u8; 32], size: u64, src: &Path) -> Result<bool> {
-        if self.contains(digest, size) {
-            return Ok(false);
-        }
-        let dest = self.path(digest);
-        let dir = dest.parent().expect("object path has a parent");
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let tmp = dir.join(format!(
-            ".tmp.{}.{}.{}",
-            &hex::encode(digest)[..16],
-            std::process::id(),
-            TMP_SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let result = (|| -> Result<()> {
-            let mut out = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            let input = File::open(src).with_context(|| format!("opening {}", src.display()))?;
-            let (got, n) = copy_hashing(input, &mut out).with_context(|| format!("copying {}", src.display()))?;
-            if n != size || &got != digest {
-                bail!(
-                    "{} changed while it was stored: expected {} bytes with sha256 {}, read {} bytes with sha256 {}",
-                    src.display(),
-                    size,
-                    hex::encode(digest),
-                    n,
-                    hex::encode(got)
-                );
-            }
-            out.set_len(padded_len(size)).with_context(|| format!("padding {}", tmp.display()))?;
-            fs::rename(&tmp, &dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result.map(|()| true)
-    }
-}
-
-impl ObjectDir {
     /// Copies `src` into the store under the sha256 of its content, hashing while copying (one read of
     /// the source). Returns the digest, the content size and whether a new object was written; when the
     /// object was already present the copy is discarded.

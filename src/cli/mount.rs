@@ -68,6 +68,8 @@ pub fn mount(a: MountArgs) -> Result<()> {
         plain_http: a.plain_http,
         store: a.store,
         frontend: a.frontend,
+        index: None,
+        lower_only: false,
     };
     let v =
         protocol::call(&protocol::socket_path(&a.state.state), &Request::Mount(req), Some(Duration::from_secs(600)))?;

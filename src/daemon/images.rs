@@ -86,6 +86,26 @@ pub fn pull(state: &Path, spec: &ImageSpec) -> Result<Image> {
     Ok(Image { id, dir, spec: spec.clone(), devices, store })
 }
 
+/// Takes the index of `spec` from a local directory (`index.erofs` and `objects.map`, as unpacked from
+/// the index image's layer by a container runtime, which verified the layer's digest). The image id is
+/// the sha256 of `index.erofs`; `spec.reference` names the repository of the objects.
+pub fn from_local(state: &Path, index_dir: &Path, spec: &ImageSpec) -> Result<Image> {
+    let (_, _, store) = open_store(spec)?;
+    let erofs_path = index_dir.join("index.erofs");
+    let erofs_bytes = fs::read(&erofs_path).with_context(|| format!("reading {}", erofs_path.display()))?;
+    let map_path = index_dir.join("objects.map");
+    let map_bytes = fs::read(&map_path).with_context(|| format!("reading {}", map_path.display()))?;
+    let objects = objmap::decode(&map_bytes).with_context(|| format!("decoding {}", map_path.display()))?;
+    let devices = device_order(&erofs_bytes, &objects).with_context(|| format!("{}", erofs_path.display()))?;
+    let id = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&erofs_bytes));
+    let dir = images_dir(state).join(&id);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_atomic(&dir.join("objects.map"), &map_bytes)?;
+    write_atomic(&dir.join("image.json"), &serde_json::to_vec_pretty(spec)?)?;
+    write_atomic(&dir.join("index.erofs"), &erofs_bytes)?;
+    Ok(Image { id, dir, spec: spec.clone(), devices, store })
+}
+
 /// Loads an image pulled earlier (after a daemon restart).
 pub fn load(state: &Path, id: &str) -> Result<Image> {
     let dir = images_dir(state).join(id);

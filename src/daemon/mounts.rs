@@ -30,6 +30,9 @@ pub struct MountRecord {
     pub work: PathBuf,
     /// upper/work were made by the daemon (and are removed at umount).
     pub own_upper: bool,
+    /// Only the EROFS index is mounted, at `dir` (= `lower`); no overlayfs.
+    #[serde(default)]
+    pub lower_only: bool,
 }
 
 /// The worker's mounts.
@@ -131,11 +134,16 @@ impl Mounts {
             bail!("{}: an image is already mounted there", req.dir.display());
         }
         let spec = ImageSpec { reference: req.reference.clone(), plain_http: req.plain_http, store: req.store.clone() };
-        let img = Arc::new(images::pull(&self.state, &spec)?);
+        let img = Arc::new(match &req.index {
+            Some(dir) => images::from_local(&self.state, dir, &spec)?,
+            None => images::pull(&self.state, &spec)?,
+        });
         let mdir = self.mounts_dir().join(&id);
-        let (upper, work, own) = match (&req.upper, &req.work) {
-            (Some(u), Some(w)) => (u.clone(), w.clone(), false),
-            (None, None) => (mdir.join("upper"), mdir.join("work"), true),
+        let (upper, work, own) = match (&req.upper, &req.work, req.lower_only) {
+            (None, None, true) => (PathBuf::new(), PathBuf::new(), false),
+            (_, _, true) => bail!("a lower-only mount has no upper and work directories"),
+            (Some(u), Some(w), false) => (u.clone(), w.clone(), false),
+            (None, None, false) => (mdir.join("upper"), mdir.join("work"), true),
             _ => bail!("give both --upper and --work, or neither"),
         };
         let rec = MountRecord {
@@ -143,12 +151,14 @@ impl Mounts {
             image: img.id.clone(),
             reference: req.reference.clone(),
             dir: req.dir.clone(),
-            lower: mdir.join("lower"),
+            lower: if req.lower_only { req.dir.clone() } else { mdir.join("lower") },
             upper,
             work,
             own_upper: own,
+            lower_only: req.lower_only,
         };
-        for d in [&rec.lower, &rec.upper, &rec.work, &rec.dir] {
+        fs::create_dir_all(&mdir).with_context(|| format!("creating {}", mdir.display()))?;
+        for d in [&rec.lower, &rec.upper, &rec.work, &rec.dir].into_iter().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
         self.attach(&id, &img)?;
@@ -168,6 +178,9 @@ impl Mounts {
     fn kernel_mount(&self, rec: &MountRecord, img: &Image) -> Result<()> {
         let devices: Vec<PathBuf> = img.devices.iter().map(|e| self.core.cache().path(&e.digest)).collect();
         crate::mount::mount_erofs_file(&img.erofs_path(), &rec.lower, &devices)?;
+        if rec.lower_only {
+            return Ok(());
+        }
         let data =
             format!("lowerdir={},upperdir={},workdir={}", rec.lower.display(), rec.upper.display(), rec.work.display());
         let cdata = std::ffi::CString::new(data.clone()).context("a NUL in an overlay path")?;
@@ -190,7 +203,9 @@ impl Mounts {
             .get(&id)
             .cloned()
             .with_context(|| format!("{}: no wisp image is mounted there", dir.display()))?;
-        crate::mount::umount(&rec.dir)?;
+        if !rec.lower_only {
+            crate::mount::umount(&rec.dir)?;
+        }
         crate::mount::umount(&rec.lower)?;
         self.detach(&id, &img.devices);
         self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
@@ -199,7 +214,9 @@ impl Mounts {
             fs::remove_dir_all(&mdir).with_context(|| format!("removing {}", mdir.display()))?;
         } else {
             let _ = fs::remove_file(mdir.join("record.json"));
-            let _ = fs::remove_dir(&rec.lower);
+            if !rec.lower_only {
+                let _ = fs::remove_dir(&rec.lower);
+            }
             let _ = fs::remove_dir(&mdir);
         }
         Ok(serde_json::json!({"id": id, "dir": rec.dir}))

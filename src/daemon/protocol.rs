@@ -4,6 +4,8 @@
 //! ```text
 //! {"op":"mount","reference":"docker://127.0.0.1:5000/wisp/python:v1","dir":"/mnt/a",
 //!  "upper":null,"work":null,"plain_http":true,"store":null,"frontend":"auto"}
+//! {"op":"mount","reference":"docker://127.0.0.1:5000/wisp/python:v1","dir":"/x/lower","upper":null,
+//!  "work":null,"plain_http":true,"store":null,"index":"/unpacked/wisp","lower_only":true}
 //! {"op":"umount","dir":"/mnt/a"}
 //! {"op":"stats"}
 //! {"op":"status"}                      -> worker pid, frontend, mounts
@@ -58,6 +60,15 @@ pub struct MountRequest {
     pub store: Option<String>,
     #[serde(default)]
     pub frontend: FrontendKind,
+    /// A local directory holding the image's `index.erofs` and `objects.map` (an index layer a container
+    /// runtime has already unpacked): the daemon copies them instead of pulling the index image, and
+    /// `reference` then only names the repository that holds the objects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<PathBuf>,
+    /// Mount only the EROFS index at `dir`, without overlayfs (the caller, e.g. the containerd
+    /// snapshotter, puts its own overlay on top); `upper`/`work` must be absent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lower_only: bool,
 }
 
 /// The daemon's answer.

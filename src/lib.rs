@@ -11,5 +11,6 @@ pub mod imagefile;
 pub mod mount;
 pub mod objects;
 pub mod oci;
+pub mod snapshotter;
 pub mod store;
 pub mod tree;

@@ -12,6 +12,7 @@ mod keepalive;
 mod mkfs;
 mod mount;
 mod pull;
+mod snapshotter;
 
 #[derive(Debug, Parser)]
 #[command(name = "wisp", version, about = "Containers that start before their image has been downloaded")]
@@ -42,6 +43,8 @@ enum Command {
     Umount(mount::UmountArgs),
     /// Per-image fetch statistics from the daemon.
     Stats(mount::StatsArgs),
+    /// Serve containerd as a proxy snapshotter (wisp images lazily, others as overlayfs).
+    Snapshotter(snapshotter::Args),
 }
 
 /// Parses the command line, runs the subcommand and reports its error, if any, once.
@@ -62,6 +65,7 @@ pub fn main() -> ExitCode {
         Command::Mount(a) => mount::mount(a),
         Command::Umount(a) => mount::umount(a),
         Command::Stats(a) => mount::stats(a),
+        Command::Snapshotter(a) => snapshotter::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,350 @@
+//! The Snapshots API over directories, as containerd's overlayfs snapshotter lays them out: each
+//! snapshot owns `ROOT/snapshots/<id>/fs` (its changes, the overlay upper dir once it has a parent)
+//! and `work`; a snapshot's mounts stack its parents' `fs` dirs as overlay lower dirs. A committed
+//! snapshot whose `fs` holds a wisp index (`wisp/index.erofs` + `wisp/objects.map`) is replaced in
+//! every chain above it by its lazy EROFS mount ([`super::wisp`]).
+//!
+//! Every operation runs under one lock: metadata changes are saved ([`super::meta`]) before the call
+//! returns, directories are made before and removed after the metadata change, and Cleanup removes
+//! what a crash left between the two.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use containerd_snapshots::api::types::Mount;
+
+use super::filter::{self, Subject};
+use super::meta::{Db, Kind, Record};
+use super::wisp::Wisp;
+use super::Error as Status;
+
+/// The whole snapshotter state.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    db: Mutex<Db>,
+    wisp: Wisp,
+}
+
+fn internal(e: anyhow::Error) -> Status {
+    Status::internal(format!("{e:#}"))
+}
+
+fn not_found(key: &str) -> Status {
+    Status::not_found(format!("snapshot {key:?} does not exist"))
+}
+
+/// A snapshot as the API returns it.
+#[derive(Debug, Clone)]
+pub struct InfoOut {
+    pub name: String,
+    pub record: Record,
+}
+
+impl Store {
+    pub fn open(root: &Path, wisp: Wisp) -> anyhow::Result<Store> {
+        fs::create_dir_all(root.join("snapshots"))?;
+        let db = Db::load(root)?;
+        Ok(Store { root: root.to_owned(), db: Mutex::new(db), wisp })
+    }
+
+    fn db(&self) -> MutexGuard<'_, Db> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn dir(&self, id: u64) -> PathBuf {
+        self.root.join("snapshots").join(id.to_string())
+    }
+
+    fn save(&self, db: &Db) -> Result<(), Status> {
+        db.save(&self.root).map_err(internal)
+    }
+
+    pub fn stat(&self, key: &str) -> Result<InfoOut, Status> {
+        let db = self.db();
+        let r = db.snapshots.get(key).ok_or_else(|| not_found(key))?;
+        Ok(InfoOut { name: key.to_owned(), record: r.clone() })
+    }
+
+    /// Prepare (kind Active) and View (kind View).
+    pub fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, Status> {
+        tracing::info!(?kind, key, parent, ?labels, "create");
+        let mut db = self.db();
+        if db.snapshots.contains_key(key) {
+            return Err(Status::already_exists(format!("snapshot {key:?} already exists")));
+        }
+        if !parent.is_empty() {
+            match db.snapshots.get(parent) {
+                None => return Err(Status::not_found(format!("parent snapshot {parent:?} does not exist"))),
+                Some(p) if p.kind != Kind::Committed => {
+                    return Err(Status::failed_precondition(format!("parent {parent:?} is not a committed snapshot")))
+                }
+                Some(_) => {}
+            }
+        }
+        let id = db.next_id.max(1);
+        db.next_id = id + 1;
+        let dir = self.dir(id);
+        let _ = fs::remove_dir_all(&dir);
+        for d in [dir.join("fs"), dir.join("work")] {
+            fs::create_dir_all(&d).map_err(|e| Status::internal(format!("creating {}: {e}", d.display())))?;
+        }
+        let now = SystemTime::now();
+        let rec = Record { id, kind, parent: parent.to_owned(), labels, created: now, updated: now, usage: None };
+        db.snapshots.insert(key.to_owned(), rec);
+        let result = self.mounts_locked(&db, key).and_then(|m| self.save(&db).map(|()| m));
+        if result.is_err() {
+            db.snapshots.remove(key);
+            let _ = fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>, Status> {
+        let db = self.db();
+        self.mounts_locked(&db, key)
+    }
+
+    /// The mounts of an active or view snapshot; mounts the wisp lower its chain needs, if any.
+    fn mounts_locked(&self, db: &Db, key: &str) -> Result<Vec<Mount>, Status> {
+        let rec = db.snapshots.get(key).ok_or_else(|| not_found(key))?;
+        if rec.kind == Kind::Committed {
+            return Err(Status::failed_precondition(format!("snapshot {key:?} is committed, not active")));
+        }
+        let mut lowers = Vec::new();
+        for (name, p) in db.chain(&rec.parent).map_err(internal)? {
+            let fs_dir = self.dir(p.id).join("fs");
+            if self.wisp.is_index(&fs_dir) {
+                let chain = db.chain(&name).map_err(internal)?;
+                lowers.push(self.wisp.ensure_mounted(p.id, &fs_dir, &chain, &rec.labels).map_err(internal)?);
+                break;
+            }
+            lowers.push(fs_dir);
+        }
+        let dir = self.dir(rec.id);
+        let ro = rec.kind == Kind::View;
+        let bind = |src: &Path| Mount {
+            r#type: "bind".into(),
+            source: src.display().to_string(),
+            target: String::new(),
+            options: vec![if ro { "ro" } else { "rw" }.into(), "rbind".into()],
+        };
+        let lowerdir = lowers.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
+        Ok(vec![match (lowers.len(), ro) {
+            (0, _) => bind(&dir.join("fs")),
+            (1, true) => bind(&lowers[0]),
+            (_, true) => Mount {
+                r#type: "overlay".into(),
+                source: "overlay".into(),
+                target: String::new(),
+                options: vec!["ro".into(), format!("lowerdir={lowerdir}")],
+            },
+            (_, false) => Mount {
+                r#type: "overlay".into(),
+                source: "overlay".into(),
+                target: String::new(),
+                options: vec![
+                    "index=off".into(),
+                    format!("workdir={}", dir.join("work").display()),
+                    format!("upperdir={}", dir.join("fs").display()),
+                    format!("lowerdir={lowerdir}"),
+                ],
+            },
+        }])
+    }
+
+    pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<(), Status> {
+        tracing::info!(name, key, ?labels, "commit");
+        let mut db = self.db();
+        let rec = db.snapshots.get(key).ok_or_else(|| not_found(key))?.clone();
+        if rec.kind != Kind::Active {
+            return Err(Status::failed_precondition(format!("snapshot {key:?} is not active")));
+        }
+        if db.snapshots.contains_key(name) {
+            return Err(Status::already_exists(format!("snapshot {name:?} already exists")));
+        }
+        let wisp_layer = self.wisp_layer(&db, &rec.parent);
+        let usage = disk_usage(&self.dir(rec.id).join("fs")).map_err(internal)?;
+        let now = SystemTime::now();
+        let committed = Record { kind: Kind::Committed, labels, created: now, updated: now, usage: Some(usage), ..rec };
+        db.snapshots.remove(key);
+        db.snapshots.insert(name.to_owned(), committed);
+        self.save(&db)?;
+        if let Some(id) = wisp_layer {
+            self.release_if_unused(&db, id);
+        }
+        Ok(())
+    }
+
+    /// The directory id of the wisp index snapshot in the chain starting at `name`, if any.
+    fn wisp_layer(&self, db: &Db, name: &str) -> Option<u64> {
+        let chain = db.chain(name).ok()?;
+        chain.iter().map(|(_, r)| r.id).find(|id| self.wisp.is_index(&self.dir(*id).join("fs")))
+    }
+
+    /// Unmounts the lazy EROFS of wisp layer `id` when no active or view snapshot stands on it.
+    fn release_if_unused(&self, db: &Db, id: u64) {
+        let used = db.snapshots.values().any(|r| r.kind != Kind::Committed && self.chain_ids(db, r).contains(&id));
+        if !used {
+            if let Err(e) = self.wisp.release(id) {
+                tracing::warn!(layer = id, error = %format!("{e:#}"), "releasing a wisp lower mount (Cleanup retries)");
+            }
+        }
+    }
+
+    fn chain_ids(&self, db: &Db, r: &Record) -> HashSet<u64> {
+        db.chain(&r.parent).map(|c| c.into_iter().map(|(_, p)| p.id).collect()).unwrap_or_default()
+    }
+
+    pub fn remove(&self, key: &str) -> Result<(), Status> {
+        tracing::info!(key, "remove");
+        let mut db = self.db();
+        let rec = db.snapshots.get(key).ok_or_else(|| not_found(key))?.clone();
+        if let Some((child, _)) = db.snapshots.iter().find(|(_, r)| r.parent == key) {
+            return Err(Status::failed_precondition(format!("snapshot {key:?} has a child, {child:?}")));
+        }
+        let wisp_layer = self.wisp_layer(&db, &rec.parent);
+        let is_index = self.wisp.is_index(&self.dir(rec.id).join("fs"));
+        db.snapshots.remove(key);
+        self.save(&db)?;
+        if is_index {
+            match self.wisp.release(rec.id) {
+                Ok(()) => self.wisp.forget(rec.id),
+                Err(e) => tracing::warn!(layer = rec.id, error = %format!("{e:#}"), "releasing a removed wisp layer"),
+            }
+        }
+        self.remove_dir(rec.id);
+        if let Some(id) = wisp_layer {
+            self.release_if_unused(&db, id);
+        }
+        Ok(())
+    }
+
+    /// Removes a snapshot directory: renamed aside first, so a crash half way leaves a name Cleanup knows.
+    fn remove_dir(&self, id: u64) {
+        let dir = self.dir(id);
+        let aside = self.root.join("snapshots").join(format!("rm-{id}"));
+        let target = if fs::rename(&dir, &aside).is_ok() { aside } else { dir };
+        if let Err(e) = fs::remove_dir_all(&target) {
+            tracing::warn!(dir = %target.display(), error = %e, "removing a snapshot directory (Cleanup retries)");
+        }
+    }
+
+    pub fn update(&self, name: &str, labels: BTreeMap<String, String>, paths: &[String]) -> Result<InfoOut, Status> {
+        let mut db = self.db();
+        let rec = db.snapshots.get_mut(name).ok_or_else(|| not_found(name))?;
+        if paths.is_empty() {
+            rec.labels = labels;
+        } else {
+            for p in paths {
+                if p == "labels" {
+                    rec.labels = labels.clone();
+                } else if let Some(k) = p.strip_prefix("labels.") {
+                    match labels.get(k) {
+                        Some(v) => rec.labels.insert(k.to_owned(), v.clone()),
+                        None => rec.labels.remove(k),
+                    };
+                } else {
+                    return Err(Status::invalid_argument(format!("cannot update field {p:?} of a snapshot")));
+                }
+            }
+        }
+        rec.updated = SystemTime::now();
+        let out = InfoOut { name: name.to_owned(), record: rec.clone() };
+        self.save(&db)?;
+        Ok(out)
+    }
+
+    /// (bytes, inodes) a snapshot uses itself, without its parents.
+    pub fn usage(&self, key: &str) -> Result<(i64, i64), Status> {
+        let (id, stored) = {
+            let db = self.db();
+            let r = db.snapshots.get(key).ok_or_else(|| not_found(key))?;
+            (r.id, r.usage.filter(|_| r.kind == Kind::Committed))
+        };
+        match stored {
+            Some(u) => Ok(u),
+            None => disk_usage(&self.dir(id).join("fs")).map_err(internal),
+        }
+    }
+
+    pub fn walk(&self, filters: &[String]) -> Result<Vec<InfoOut>, Status> {
+        let db = self.db();
+        let mut out = Vec::new();
+        for (name, r) in &db.snapshots {
+            let kind = match r.kind {
+                Kind::View => "view",
+                Kind::Active => "active",
+                Kind::Committed => "committed",
+            };
+            let s = Subject { name, parent: &r.parent, kind, labels: &r.labels };
+            if filter::matches(filters, &s).map_err(Status::invalid_argument)? {
+                out.push(InfoOut { name: name.clone(), record: r.clone() });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes directories no snapshot owns and wisp lower mounts nothing stands on.
+    pub fn cleanup(&self) -> Result<(), Status> {
+        let db = self.db();
+        let owned: HashSet<String> = db.snapshots.values().map(|r| r.id.to_string()).collect();
+        let snaps = self.root.join("snapshots");
+        for e in fs::read_dir(&snaps).map_err(|e| Status::internal(format!("{}: {e}", snaps.display())))? {
+            let e = e.map_err(|e| Status::internal(e.to_string()))?;
+            let n = e.file_name().to_string_lossy().into_owned();
+            if !owned.contains(&n) {
+                tracing::info!(dir = %e.path().display(), "cleanup: removing an unowned snapshot directory");
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+        let wisp_ids: Vec<u64> = db
+            .snapshots
+            .values()
+            .filter(|r| r.kind == Kind::Committed && self.wisp.is_index(&self.dir(r.id).join("fs")))
+            .map(|r| r.id)
+            .collect();
+        for id in self.wisp.layers() {
+            if wisp_ids.contains(&id) {
+                self.release_if_unused(&db, id);
+            } else {
+                match self.wisp.release(id) {
+                    Ok(()) => self.wisp.forget(id),
+                    Err(e) => tracing::warn!(layer = id, error = %format!("{e:#}"), "cleanup: releasing a wisp lower"),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bytes (allocated blocks) and inodes under `dir`, hard links counted once.
+fn disk_usage(dir: &Path) -> anyhow::Result<(i64, i64)> {
+    use anyhow::Context;
+    let mut seen = HashSet::new();
+    let (mut bytes, mut inodes) = (0i64, 0i64);
+    let mut stack = vec![dir.to_owned()];
+    while let Some(p) = stack.pop() {
+        let m = fs::symlink_metadata(&p).with_context(|| format!("lstat {}", p.display()))?;
+        if seen.insert((m.dev(), m.ino())) {
+            inodes += 1;
+            bytes = bytes.saturating_add(i64::try_from(m.blocks().saturating_mul(512)).unwrap_or(i64::MAX));
+        }
+        if m.is_dir() {
+            for e in fs::read_dir(&p).with_context(|| format!("reading {}", p.display()))? {
+                stack.push(e?.path());
+            }
+        }
+    }
+    Ok((bytes, inodes))
+}

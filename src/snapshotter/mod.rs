@@ -128,12 +128,7 @@ impl Snapshotter for Service {
         self.blocking(move |s| s.mounts(&key)).await
     }
 
-    async fn prepare(
-        &self,
-        key: String,
-        parent: String,
-        labels: HashMap<String, String>,
-    ) -> Result<Vec<Mount>, Error> {
+    async fn prepare(&self, key: String, parent: String, labels: HashMap<String, String>) -> Result<Vec<Mount>, Error> {
         self.blocking(move |s| s.create(Kind::Active, &key, &parent, sorted(labels))).await
     }
 

@@ -1,0 +1,467 @@
+//! containerd end to end on the host kernel (fanotify pre-content, 6.14+): Debian's containerd 1.6 and
+//! runc, unpatched, with `wisp snapshotter` as a proxy snapshotter and `wisp daemon` behind it. The
+//! corpus's python images are pushed to a private registry on 127.0.0.1 and converted; containerd
+//! pulls and runs them with `--snapshotter wisp`. Bytes fetched are counted from the registry's own
+//! access log, outside wisp. Everything (containerd root, state, config and socket; the snapshotter's
+//! root; the daemon's cache and state) lives under one scratch directory.
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{require, run, wisp_bin};
+
+const PORT: u16 = 5110;
+
+fn can_run() -> bool {
+    if !require(common::is_root(), "needs root (containerd, mounts)") {
+        return false;
+    }
+    let ok = fscache::fanotify::Group::new().and_then(|g| {
+        fs::create_dir_all("/var/tmp").ok();
+        g.probe(Path::new("/var/tmp"))
+    });
+    if !require(ok.is_ok(), &format!("fanotify pre-content marks unavailable: {:?}", ok.err())) {
+        return false;
+    }
+    ["containerd", "ctr", "runc", "docker-registry"]
+        .iter()
+        .all(|c| require(common::have(c), &format!("{c} is not installed (scripts/setup)")))
+}
+
+/// A child process stopped (SIGTERM, then SIGKILL) on drop.
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command, log: &Path) -> Proc {
+        let f = fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = cmd.stdout(f.try_clone().unwrap()).stderr(f).stdin(Stdio::null()).spawn().unwrap();
+        Proc { child }
+    }
+
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    fn stop(&mut self) {
+        let _ = nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn wait_for(what: &str, log: &Path, mut ok: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !ok() {
+        assert!(t.elapsed() < Duration::from_secs(60), "{what} did not come up; see {}", log.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The whole node: registry, wisp daemon, wisp snapshotter, containerd.
+struct Node {
+    dir: PathBuf,
+    registry: String,
+    containerd: Option<Proc>,
+    snapshotter: Option<Proc>,
+    daemon: Option<Proc>,
+}
+
+impl Node {
+    fn sock(&self) -> PathBuf {
+        self.dir.join("containerd/containerd.sock")
+    }
+
+    fn snap_root(&self) -> PathBuf {
+        self.dir.join("snapshotter")
+    }
+
+    fn start_daemon(&mut self) {
+        let state = self.dir.join("daemon/state");
+        let mut cmd = Command::new(wisp_bin());
+        cmd.args(["daemon", "--cache"]).arg(self.dir.join("daemon/cache")).arg("--state").arg(&state);
+        cmd.env("WISP_LOG", "info");
+        fs::create_dir_all(self.dir.join("daemon")).unwrap();
+        let log = self.dir.join("daemon/log");
+        self.daemon = Some(Proc::spawn(&mut cmd, &log));
+        wait_for("wisp daemon", &log, || std::os::unix::net::UnixStream::connect(state.join("control.sock")).is_ok());
+    }
+
+    fn start_snapshotter(&mut self) {
+        let sock = self.dir.join("snapshotter.sock");
+        let _ = fs::remove_file(&sock);
+        let mut cmd = Command::new(wisp_bin());
+        cmd.args(["snapshotter", "--root"])
+            .arg(self.snap_root())
+            .arg("--address")
+            .arg(&sock)
+            .arg("--daemon-state")
+            .arg(self.dir.join("daemon/state"))
+            .arg("--containerd")
+            .arg(self.sock())
+            .arg("--plain-http")
+            .env("WISP_LOG", "info");
+        let log = self.dir.join("snapshotter.log");
+        self.snapshotter = Some(Proc::spawn(&mut cmd, &log));
+        wait_for("wisp snapshotter", &log, || std::os::unix::net::UnixStream::connect(&sock).is_ok());
+    }
+
+    fn start_containerd(&mut self) {
+        let d = self.dir.join("containerd");
+        fs::create_dir_all(&d).unwrap();
+        let config = format!(
+            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n[grpc]\n  address = \"{0}/containerd.sock\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable = true\n\
+             [proxy_plugins]\n  [proxy_plugins.wisp]\n    type = \"snapshot\"\n    address = \"{1}\"\n",
+            d.display(),
+            self.dir.join("snapshotter.sock").display()
+        );
+        fs::write(d.join("config.toml"), config).unwrap();
+        let log = d.join("log");
+        self.containerd =
+            Some(Proc::spawn(Command::new("containerd").arg("--config").arg(d.join("config.toml")), &log));
+        wait_for("containerd", &log, || self.ctr_out(&["version"]).status.success());
+    }
+
+    fn ctr_out(&self, args: &[&str]) -> Output {
+        Command::new("ctr").arg("--address").arg(self.sock()).args(args).output().unwrap()
+    }
+
+    /// Runs ctr, panicking with its output when it fails; returns stdout.
+    fn ctr(&self, args: &[&str]) -> String {
+        let out = self.ctr_out(args);
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn snapshots(&self) -> Vec<String> {
+        let mut v: Vec<String> =
+            self.ctr(&["snapshots", "--snapshotter", "wisp", "ls"]).lines().skip(1).map(str::to_owned).collect();
+        v.sort();
+        v
+    }
+
+    fn daemon_status(&self) -> serde_json::Value {
+        let sock = self.dir.join("daemon/state/control.sock");
+        wisp::daemon::protocol::call(&sock, &wisp::daemon::protocol::Request::Status, Some(Duration::from_secs(30)))
+            .unwrap()
+    }
+
+    /// Kills and deletes every container (and so its snapshot).
+    fn remove_containers(&self) {
+        for line in self.ctr(&["containers", "ls", "-q"]).lines() {
+            let _ = self.ctr_out(&["tasks", "kill", "-s", "SIGKILL", line]);
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(30) && self.ctr_out(&["tasks", "delete", line]).status.success() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.ctr_out(&["tasks", "delete", "-f", line]);
+            self.ctr(&["containers", "delete", line]);
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.containerd.is_some() {
+            for line in String::from_utf8_lossy(&self.ctr_out(&["containers", "ls", "-q"]).stdout).lines() {
+                let _ = self.ctr_out(&["tasks", "kill", "-s", "SIGKILL", line]);
+                std::thread::sleep(Duration::from_millis(300));
+                let _ = self.ctr_out(&["tasks", "delete", "-f", line]);
+                let _ = self.ctr_out(&["containers", "delete", line]);
+            }
+        }
+        self.containerd.take();
+        self.snapshotter.take();
+        // Any overlay containerd left on a wisp lower would keep the daemon from unmounting it.
+        if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
+            let mut mine: Vec<&str> = info
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|p| p.starts_with(self.dir.to_str().unwrap()))
+                .collect();
+            mine.reverse();
+            for p in mine {
+                let _ = Command::new("umount").arg("-l").arg(p).status();
+            }
+        }
+        self.daemon.take();
+        let _ = Command::new(common::repo_root().join("scripts/registry"))
+            .args(["stop", "--port", &PORT.to_string()])
+            .status();
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Blob GETs the registry served since byte `offset` of its log: (digest, bytes).
+fn blobs_served(log: &Path, offset: u64) -> Vec<(String, u64)> {
+    blobs_served_between(log, offset, u64::MAX)
+}
+
+/// Blob GETs logged between two byte offsets of the registry's log.
+fn blobs_served_between(log: &Path, from: u64, to: u64) -> Vec<(String, u64)> {
+    let bytes = fs::read(log).unwrap();
+    let to = (to.min(bytes.len() as u64)) as usize;
+    let text = String::from_utf8_lossy(&bytes[from as usize..to]);
+    text.lines()
+        .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
+        .filter_map(|l| {
+            let digest = l.split("/blobs/").nth(1)?.split(' ').next()?.to_owned();
+            let after = l.split("HTTP/1.1\" ").nth(1)?;
+            let mut it = after.split(' ');
+            (it.next()? == "200").then_some(())?;
+            Some((digest, it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn log_len(log: &Path) -> u64 {
+    fs::metadata(log).unwrap().len()
+}
+
+/// The object map of a wisp layer as containerd unpacked it into the snapshotter: (content hex, blob
+/// digest, stored size).
+fn unpacked_objects(snap_root: &Path) -> Vec<Vec<(String, String, u64)>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(snap_root.join("snapshots")).unwrap() {
+        let map = e.unwrap().path().join("fs/wisp/objects.map");
+        if let Ok(bytes) = fs::read(&map) {
+            let m = wisp::oci::objmap::decode(&bytes).unwrap();
+            out.push(m.iter().map(|e| (hex::encode(e.digest), e.blob_digest(), e.stored_size)).collect());
+        }
+    }
+    out
+}
+
+/// The upper and lower dirs of a container's snapshot, from the mounts the snapshotter gives.
+fn overlay_dirs(node: &Node, key: &str) -> (PathBuf, Vec<PathBuf>) {
+    let out = node.ctr(&["snapshots", "--snapshotter", "wisp", "mounts", "/mnt", key]);
+    let opt = |name: &str| {
+        out.split([',', ' '])
+            .find_map(|o| o.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in {out}"))
+            .trim()
+            .to_owned()
+    };
+    (PathBuf::from(opt("upperdir")), opt("lowerdir").split(':').map(PathBuf::from).collect())
+}
+
+fn wisp_lowers_mounted(node: &Node) -> Vec<String> {
+    let prefix = node.snap_root().join("wisp");
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(prefix.to_str().unwrap()))
+        .map(str::to_owned)
+        .collect()
+}
+
+const STARTUP: &str = "import json, email; print(1)";
+
+#[test]
+fn containerd_runs_wisp_images_lazily() {
+    if !can_run() {
+        return;
+    }
+    let started = Instant::now();
+    let dir = PathBuf::from(format!("/var/tmp/wisp-containerd-test-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let root = common::repo_root();
+    let _ = Command::new(root.join("scripts/registry")).args(["stop", "--port", &PORT.to_string()]).status();
+    run(Command::new(root.join("scripts/registry"))
+        .args(["start", "--port", &PORT.to_string(), "--root"])
+        .arg(dir.join("registry")));
+    let registry = format!("127.0.0.1:{PORT}");
+    let state_base = std::env::var("WISP_REGISTRY_STATE").unwrap_or_else(|_| "/tmp/wisp-registry".into());
+    let log = PathBuf::from(state_base).join(PORT.to_string()).join("registry.log");
+    let mut node = Node { dir: dir.clone(), registry, containerd: None, snapshotter: None, daemon: None };
+    run(Command::new(root.join("scripts/corpus")).args(["push", "--registry", &node.registry, "python"]));
+    for tag in ["v1", "v2"] {
+        run(Command::new(wisp_bin()).args([
+            "convert",
+            &format!("docker://{}/python:{tag}", node.registry),
+            &format!("docker://{}/wisp/python:{tag}", node.registry),
+            "--plain-http",
+        ]));
+    }
+    node.start_daemon();
+    node.start_snapshotter();
+    node.start_containerd();
+    let v1 = format!("{}/wisp/python:v1", node.registry);
+    let v2 = format!("{}/wisp/python:v2", node.registry);
+
+    // Pull: containerd downloads the one small index layer, no data layer.
+    let base = log_len(&log);
+    let off = base;
+    node.ctr(&["images", "pull", "--plain-http", "--snapshotter", "wisp", &v1]);
+    let served = blobs_served(&log, off);
+    let pulled: u64 = served.iter().map(|(_, n)| n).sum();
+    eprintln!("pull: {} blobs, {:.2} MB", served.len(), pulled as f64 / 1e6);
+    assert!(served.len() <= 2, "the pull fetched more than the config and the index layer: {served:?}");
+    let maps = unpacked_objects(&node.snap_root());
+    assert_eq!(maps.len(), 1, "one unpacked wisp layer");
+    let v1_objects = maps[0].clone();
+    let stored: u64 = v1_objects.iter().map(|o| o.2).sum();
+
+    // Cold start through containerd: right output, at most 25% of the image's objects fetched.
+    let off = log_len(&log);
+    let t = Instant::now();
+    let out = node.ctr(&["run", "--snapshotter", "wisp", "--rm", &v1, "c-cold", "python3", "-c", STARTUP]);
+    let cold = t.elapsed();
+    assert_eq!(out.trim(), "1");
+    let served = blobs_served(&log, off);
+    let wire: u64 = served.iter().map(|(_, n)| n).sum();
+    eprintln!(
+        "ctr run (cold): {:.2}s, registry served {} blobs, {:.2} MB = {:.1}% of the {:.1} MB of stored objects",
+        cold.as_secs_f64(),
+        served.len(),
+        wire as f64 / 1e6,
+        100.0 * wire as f64 / stored as f64,
+        stored as f64 / 1e6
+    );
+    assert!(!served.is_empty(), "the cold start fetched nothing: not lazy through wisp?");
+    assert!(wire * 4 <= stored, "startup fetched {wire} bytes, more than 25% of {stored}");
+    // Two containers of v1 and one of v2 at once; writes land in the snapshot's upper dir only.
+    node.ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "wisp",
+        &v1,
+        "c-a",
+        "sh",
+        "-c",
+        "echo hello > /tmp/wisp-written; sleep 1000",
+    ]);
+    node.ctr(&["run", "-d", "--snapshotter", "wisp", &v1, "c-b", "sleep", "1000"]);
+    let (upper, lowers) = overlay_dirs(&node, "c-a");
+    wait_for("the write in c-a", &dir.join("snapshotter.log"), || upper.join("tmp/wisp-written").exists());
+    assert_eq!(fs::read_to_string(upper.join("tmp/wisp-written")).unwrap(), "hello\n");
+    assert_eq!(lowers.len(), 1, "{lowers:?}");
+    assert!(lowers[0].starts_with(node.snap_root().join("wisp")), "lower is not the wisp mount: {lowers:?}");
+    assert!(!lowers[0].join("tmp/wisp-written").exists(), "the write reached the lower");
+    let (upper_b, lowers_b) = overlay_dirs(&node, "c-b");
+    assert!(!upper_b.join("tmp/wisp-written").exists(), "the write reached another container");
+    assert_eq!(lowers_b, lowers, "two containers of one image share one lazy mount");
+    assert_eq!(node.ctr(&["tasks", "exec", "--exec-id", "e1", "c-b", "python3", "-c", STARTUP]).trim(), "1");
+
+    node.ctr(&["images", "pull", "--plain-http", "--snapshotter", "wisp", &v2]);
+    let v2_objects: Vec<(String, String, u64)> =
+        unpacked_objects(&node.snap_root()).into_iter().find(|m| *m != v1_objects).expect("v2's unpacked layer");
+    let off = log_len(&log);
+    let had: HashSet<String> = blobs_served_between(&log, base, off).into_iter().map(|b| b.0).collect();
+    node.ctr(&["run", "-d", "--snapshotter", "wisp", &v2, "c-v2", "sleep", "1000"]);
+    let walk = "import os\nn=0\nfor r,ds,fs in os.walk(os.path.dirname(os.__file__)):\n  for f in fs:\n    p=os.path.join(r,f)\n    if os.path.isfile(p) and not os.path.islink(p):\n      open(p,'rb').read(); n+=1\nprint(n)";
+    let out = node.ctr(&["tasks", "exec", "--exec-id", "e2", "c-v2", "python3", "-c", walk]);
+    assert!(out.trim().parse::<u64>().unwrap() > 100, "walk read {out}");
+    // What the node had before v2 (every object blob the registry served so far) is never fetched again;
+    // what v2 reads that the node lacked is.
+    let v2_blobs: HashSet<&str> = v2_objects.iter().map(|o| o.1.as_str()).collect();
+    let v1_blobs: HashSet<&str> = v1_objects.iter().map(|o| o.1.as_str()).collect();
+    let served = blobs_served(&log, off);
+    let refetched: Vec<&str> = served.iter().map(|s| s.0.as_str()).filter(|b| had.contains(*b)).collect();
+    let fetched: HashSet<&str> = served.iter().map(|s| s.0.as_str()).filter(|b| v2_blobs.contains(b)).collect();
+    let shared = fetched.iter().filter(|b| v1_blobs.contains(**b)).count();
+    eprintln!(
+        "v2 beside v1: {} objects, {} not in v1; the v2 walk fetched {} object blobs ({} also in v1 but not fetched yet), refetched {}",
+        v2_objects.len(),
+        v2_blobs.difference(&v1_blobs).count(),
+        fetched.len(),
+        shared,
+        refetched.len()
+    );
+    assert!(
+        refetched.is_empty(),
+        "v2 fetched {} objects the node had: {:?}",
+        refetched.len(),
+        &refetched[..refetched.len().min(5)]
+    );
+    assert!(!fetched.is_empty(), "the walk of v2 fetched nothing");
+    assert_eq!(wisp_lowers_mounted(&node).len(), 2, "one lazy mount per image");
+
+    // Restarting containerd leaves the running containers and the snapshots alone.
+    let before = node.snapshots();
+    assert_eq!(before.len(), 5, "2 image layers + 3 containers: {before:?}");
+    node.containerd.take();
+    node.start_containerd();
+    assert_eq!(node.snapshots(), before);
+    assert_eq!(node.ctr(&["tasks", "exec", "--exec-id", "e3", "c-a", "cat", "/tmp/wisp-written"]), "hello\n");
+    assert_eq!(node.ctr(&["tasks", "exec", "--exec-id", "e4", "c-v2", "python3", "-c", STARTUP]).trim(), "1");
+
+    // kill -9 of the snapshotter, then a new one: same snapshots, containers unharmed, new ones start.
+    node.snapshotter.as_mut().unwrap().kill9();
+    assert_eq!(node.ctr(&["tasks", "exec", "--exec-id", "e5", "c-b", "python3", "-c", STARTUP]).trim(), "1");
+    node.start_snapshotter();
+    // containerd's proxy connection comes back on its own (grpc reconnect backoff).
+    let t = Instant::now();
+    wait_for("containerd's reconnection to the snapshotter", &dir.join("containerd/log"), || {
+        node.ctr_out(&["snapshots", "--snapshotter", "wisp", "ls"]).status.success()
+    });
+    eprintln!("containerd reconnected to the new snapshotter after {:.1}s", t.elapsed().as_secs_f64());
+    assert_eq!(node.snapshots(), before);
+    assert_eq!(node.ctr(&["tasks", "exec", "--exec-id", "e6", "c-a", "cat", "/tmp/wisp-written"]), "hello\n");
+    let out = node.ctr(&["run", "--snapshotter", "wisp", "--rm", &v1, "c-after", "python3", "-c", STARTUP]);
+    assert_eq!(out.trim(), "1");
+    assert_eq!(node.snapshots(), before);
+
+    // The unconverted image: the snapshotter acts as overlayfs; same result as containerd's own.
+    let plain = format!("{}/python:v1", node.registry);
+    let probe = "import sys, json, email, hashlib; print(sys.version); print(hashlib.sha256(open('/usr/bin/python3','rb').read()).hexdigest())";
+    node.ctr(&["images", "pull", "--plain-http", "--snapshotter", "wisp", &plain]);
+    let via_wisp = node.ctr(&["run", "--snapshotter", "wisp", "--rm", &plain, "c-plain", "python3", "-c", probe]);
+    node.ctr(&["images", "pull", "--plain-http", "--snapshotter", "overlayfs", &plain]);
+    let via_overlay = node.ctr(&["run", "--snapshotter", "overlayfs", "--rm", &plain, "c-ovl", "python3", "-c", probe]);
+    assert_eq!(via_wisp, via_overlay);
+    assert_eq!(via_wisp.lines().count(), 2);
+
+    // Removing the containers and images releases the lazy mounts; the objects stay in the cache.
+    // (containerd removes backend snapshots in its garbage collection, which `images rm --sync` runs.)
+    node.remove_containers();
+    for img in [&v1, &v2, &plain] {
+        node.ctr(&["images", "rm", "--sync", img]);
+    }
+    assert_eq!(node.snapshots(), Vec::<String>::new());
+    assert!(wisp_lowers_mounted(&node).is_empty(), "{:?}", wisp_lowers_mounted(&node));
+    assert_eq!(node.daemon_status()["mounts"].as_array().map(Vec::len), Some(0));
+    let left: Vec<_> = fs::read_dir(node.snap_root().join("snapshots")).unwrap().collect();
+    assert!(left.is_empty(), "snapshot directories left: {left:?}");
+    let cache = dir.join("daemon/cache/objects");
+    let kept = v1_objects.iter().filter(|o| cache.join(&o.0[..2]).join(&o.0).exists()).count();
+    assert_eq!(kept, v1_objects.len(), "object files left the node cache");
+    eprintln!("containerd test: {:.1}s", started.elapsed().as_secs_f64());
+}

@@ -148,8 +148,11 @@ impl Node {
         wait_for("containerd", &log, || self.ctr_out(&["version"]).status.success());
     }
 
+    /// ctr in this test's own namespace (so runc's state under /run/containerd/runc/NAMESPACE cannot
+    /// collide with another containerd's containers of the same name).
     fn ctr_out(&self, args: &[&str]) -> Output {
-        Command::new("ctr").arg("--address").arg(self.sock()).args(args).output().unwrap()
+        let ns = format!("wisp-test-{}", std::process::id());
+        Command::new("ctr").arg("--address").arg(self.sock()).args(["--namespace", &ns]).args(args).output().unwrap()
     }
 
     /// Runs ctr, panicking with its output when it fails; returns stdout.

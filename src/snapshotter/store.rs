@@ -348,3 +348,88 @@ fn disk_usage(dir: &Path) -> anyhow::Result<(i64, i64)> {
     }
     Ok((bytes, inodes))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use containerd_snapshots::tonic;
+
+    fn names(s: &Store, f: &[&str]) -> Vec<String> {
+        s.walk(&f.iter().map(|x| x.to_string()).collect::<Vec<_>>()).unwrap().into_iter().map(|i| i.name).collect()
+    }
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn open(root: &Path) -> Store {
+        Store::open(root, Wisp::new(root, &root.join("no-daemon"), false, None)).unwrap()
+    }
+
+    #[test]
+    fn snapshots_api_semantics_and_metadata_survive_reopen() {
+        let t = tempfile::tempdir().unwrap();
+        let s = open(t.path());
+        // No parent: a bind mount of the snapshot's own dir.
+        let m = s.create(Kind::Active, "a-key", "", BTreeMap::new()).unwrap();
+        assert_eq!(m[0].r#type, "bind");
+        assert!(m[0].options.contains(&"rw".to_string()));
+        assert_eq!(s.create(Kind::Active, "a-key", "", BTreeMap::new()).unwrap_err().code, tonic::Code::AlreadyExists);
+        // A parent must exist and be committed.
+        assert_eq!(s.create(Kind::Active, "x", "nope", BTreeMap::new()).unwrap_err().code, tonic::Code::NotFound);
+        assert_eq!(
+            s.create(Kind::Active, "x", "a-key", BTreeMap::new()).unwrap_err().code,
+            tonic::Code::FailedPrecondition
+        );
+        fs::write(s.dir(1).join("fs/file"), b"layer a").unwrap();
+        s.commit("a", "a-key", labels(&[("l", "1")])).unwrap();
+        assert_eq!(s.stat("a-key").unwrap_err().code, tonic::Code::NotFound);
+        assert_eq!(s.stat("a").unwrap().record.kind, Kind::Committed);
+        assert!(s.usage("a").unwrap().0 > 0);
+        assert_eq!(s.mounts("a").unwrap_err().code, tonic::Code::FailedPrecondition);
+        s.create(Kind::Active, "b-key", "a", BTreeMap::new()).unwrap();
+        s.commit("b", "b-key", BTreeMap::new()).unwrap();
+        // Two parents: overlay, nearest lower first; a view has no upper.
+        let m = s.create(Kind::Active, "c", "b", BTreeMap::new()).unwrap();
+        assert_eq!(m[0].r#type, "overlay");
+        let lower = m[0].options.iter().find_map(|o| o.strip_prefix("lowerdir=")).unwrap().to_owned();
+        assert_eq!(lower, format!("{}:{}", s.dir(2).join("fs").display(), s.dir(1).join("fs").display()));
+        assert!(m[0].options.iter().any(|o| o.starts_with("upperdir=")));
+        let v = s.create(Kind::View, "v", "b", BTreeMap::new()).unwrap();
+        assert!(v[0].options.iter().all(|o| !o.starts_with("upperdir=")));
+        let v1 = s.create(Kind::View, "v1", "a", BTreeMap::new()).unwrap();
+        assert_eq!((v1[0].r#type.as_str(), v1[0].source.clone()), ("bind", s.dir(1).join("fs").display().to_string()));
+        assert!(v1[0].options.contains(&"ro".to_string()));
+        assert_eq!(s.commit("z", "v", BTreeMap::new()).unwrap_err().code, tonic::Code::FailedPrecondition);
+        // Update: one label, or all of them.
+        s.update("a", labels(&[("m", "2")]), &["labels.m".into()]).unwrap();
+        assert_eq!(s.stat("a").unwrap().record.labels, labels(&[("l", "1"), ("m", "2")]));
+        s.update("a", labels(&[]), &["labels.l".into()]).unwrap();
+        assert_eq!(s.stat("a").unwrap().record.labels, labels(&[("m", "2")]));
+        assert_eq!(s.update("a", labels(&[]), &["parent".into()]).unwrap_err().code, tonic::Code::InvalidArgument);
+        // Walk with filters.
+        assert_eq!(names(&s, &[]), ["a", "b", "c", "v", "v1"]);
+        assert_eq!(names(&s, &["kind==committed"]), ["a", "b"]);
+        assert_eq!(names(&s, &["labels.m==2", "name==c"]), ["a", "c"]);
+        // Remove: children first.
+        assert_eq!(s.remove("b").unwrap_err().code, tonic::Code::FailedPrecondition);
+        s.remove("c").unwrap();
+        s.remove("v").unwrap();
+        assert!(!s.dir(3).exists());
+        // Everything survives a restart of the snapshotter.
+        drop(s);
+        let s = open(t.path());
+        assert_eq!(names(&s, &[]), ["a", "b", "v1"]);
+        assert_eq!(s.stat("a").unwrap().record.labels, labels(&[("m", "2")]));
+        assert_eq!(fs::read(s.dir(1).join("fs/file")).unwrap(), b"layer a");
+        // New ids never reuse an old directory.
+        s.create(Kind::Active, "d", "b", BTreeMap::new()).unwrap();
+        assert_eq!(s.stat("d").unwrap().record.id, 6);
+        // Cleanup removes what no snapshot owns (a crash between mkdir and the metadata save).
+        fs::create_dir_all(t.path().join("snapshots/99/fs")).unwrap();
+        fs::create_dir_all(t.path().join("snapshots/rm-3")).unwrap();
+        s.cleanup().unwrap();
+        assert!(!t.path().join("snapshots/99").exists() && !t.path().join("snapshots/rm-3").exists());
+        assert!(s.dir(6).exists() && s.dir(1).exists());
+    }
+}

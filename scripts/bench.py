@@ -1,0 +1,563 @@
+#!/usr/bin/env python3
+"""wisp benchmark suite (issue 9); run through scripts/bench, which installs and builds what it needs.
+
+Topology (all addresses inside network namespaces, nothing on the host's own interfaces):
+
+  wisp-bench-node             wisp-bench-mid                       wisp-bench-reg
+  [veth-n 10.77.1.2] ==veth== [veth-m 10.77.1.1]  ip_forward
+   tbf (upload)                tbf (download)   [tun-m] ~relay~ [tun-r 10.77.2.1]  docker-registry :5120
+
+The rate is tbf on both veth ends, the delay (RTT/2 each way) a user-space relay over a TUN pair
+(scripts/bench-relay.py; the host kernel has no sch_netem). Bytes are counted on veth-n. The wisp
+daemon and skopeo run in the node namespace (nsenter --net only: mounts stay visible on the host).
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+NS_NODE, NS_MID, NS_REG = "wisp-bench-node", "wisp-bench-mid", "wisp-bench-reg"
+REG_IP, NODE_IP = "10.77.2.1", "10.77.1.2"
+PORT = int(os.environ.get("WISP_BENCH_PORT", "5120"))     # registry inside wisp-bench-reg
+HOST_PORT = PORT + 1                                        # host-side registry used to fill the storage
+REG = "%s:%d" % (REG_IP, PORT)
+PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PY_WORKLOAD = "import json, email; print(1)"
+
+
+def log(msg):
+    print("%s bench: %s" % (time.strftime("%H:%M:%S", time.gmtime()), msg), file=sys.stderr, flush=True)
+
+
+def sh(*args, check=True, capture=False, **kw):
+    if capture:
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+    r = subprocess.run(list(args), check=False, text=True, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError("%s failed (exit %d)%s" % (" ".join(args), r.returncode,
+                                                     (": " + (r.stderr or "").strip()[-2000:]) if capture else ""))
+    return r.stdout if capture else r.returncode
+
+
+def ns(name, *args, **kw):
+    return sh("ip", "netns", "exec", name, *args, **kw)
+
+
+def in_node(*args):
+    """argv that runs in the node's network namespace but the host's mount namespace."""
+    return ["nsenter", "--net=/run/netns/" + NS_NODE, *args]
+
+
+def in_reg(*args):
+    return ["nsenter", "--net=/run/netns/" + NS_REG, *args]
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the shaped link
+
+
+class Link:
+    def __init__(self, work):
+        self.work = work
+        self.relay = None
+        self.rate_mbit = None
+        self.rtt_ms = None
+
+    def up(self, rate_mbit, rtt_ms):
+        self.down()
+        for n in (NS_NODE, NS_MID, NS_REG):
+            sh("ip", "netns", "add", n)
+            ns(n, "ip", "link", "set", "lo", "up")
+        sh("ip", "link", "add", "veth-n", "netns", NS_NODE, "type", "veth", "peer", "name", "veth-m",
+           "netns", NS_MID)
+        ns(NS_NODE, "ip", "addr", "add", NODE_IP + "/24", "dev", "veth-n")
+        ns(NS_MID, "ip", "addr", "add", "10.77.1.1/24", "dev", "veth-m")
+        for n, d in ((NS_NODE, "veth-n"), (NS_MID, "veth-m")):
+            # MTU-sized packets through tbf (no TSO/GSO super-packets), like a real link
+            ns(n, "ethtool", "-K", d, "tso", "off", "gso", "off", "gro", "off", check=False, capture=True)
+            ns(n, "ip", "link", "set", d, "up")
+        ns(NS_NODE, "ip", "route", "add", "default", "via", "10.77.1.1")
+        ns(NS_MID, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        self._relay(rtt_ms)
+        ns(NS_MID, "ip", "addr", "add", "10.77.2.2", "peer", REG_IP, "dev", "tun-m")
+        ns(NS_MID, "ip", "link", "set", "tun-m", "up")
+        ns(NS_REG, "ip", "addr", "add", REG_IP, "peer", "10.77.2.2", "dev", "tun-r")
+        ns(NS_REG, "ip", "link", "set", "tun-r", "up")
+        ns(NS_REG, "ip", "route", "add", "10.77.1.0/24", "via", "10.77.2.2")
+        self.shape(rate_mbit, rtt_ms)
+
+    def _relay(self, rtt_ms):
+        ready = os.path.join(self.work, "relay.ready")
+        if os.path.exists(ready):
+            os.unlink(ready)
+        self.relay_log = open(os.path.join(self.work, "relay.log"), "a")
+        self.relay = subprocess.Popen([sys.executable, os.path.join(HERE, "bench-relay.py"), NS_MID, "tun-m",
+                                       NS_REG, "tun-r", str(rtt_ms / 2.0), ready],
+                                      stdout=self.relay_log, stderr=self.relay_log)
+        for _ in range(100):
+            if os.path.exists(ready):
+                return
+            if self.relay.poll() is not None:
+                raise RuntimeError("the delay relay exited (see %s/relay.log)" % self.work)
+            time.sleep(0.05)
+        raise RuntimeError("the delay relay did not start")
+
+    def shape(self, rate_mbit, rtt_ms):
+        """Set the rate (tbf both ways) and the delay (restart the relay if it changes)."""
+        if self.rtt_ms is not None and rtt_ms != self.rtt_ms:
+            # the TUN devices go with the relay; recreate the whole link
+            self.up(rate_mbit, rtt_ms)
+            return
+        rate = rate_mbit * 1e6
+        # burst: 4 ms of traffic, at least a few MTUs; queue: 2x the bandwidth-delay product, >= 64 KB
+        burst = max(int(rate / 8 * 0.004), 6000)
+        limit = max(int(2 * rate / 8 * rtt_ms / 1000.0), 65536)
+        for n, d in ((NS_NODE, "veth-n"), (NS_MID, "veth-m")):
+            ns(n, "tc", "qdisc", "replace", "dev", d, "root", "tbf", "rate", "%dbit" % rate,
+               "burst", str(burst), "limit", str(limit))
+        self.rate_mbit, self.rtt_ms = rate_mbit, rtt_ms
+
+    def down(self):
+        if self.relay is not None:
+            self.relay.terminate()
+            try:
+                self.relay.wait(5)
+            except subprocess.TimeoutExpired:
+                self.relay.kill()
+                self.relay.wait()
+            self.relay = None
+        for n in (NS_NODE, NS_MID, NS_REG):
+            if os.path.exists("/run/netns/" + n):
+                sh("ip", "netns", "del", n, check=False)
+        self.rate_mbit = self.rtt_ms = None
+
+    @staticmethod
+    def counters():
+        """(rx, tx) bytes of the node's veth."""
+        out = json.loads(ns(NS_NODE, "ip", "-j", "-s", "link", "show", "dev", "veth-n", capture=True))
+        s = out[0]["stats64"]
+        return s["rx"]["bytes"], s["tx"]["bytes"]
+
+    def check(self, size_bytes=None):
+        """Measure the RTT (TCP connects) and a timed download through the link; fail if they are off."""
+        www = os.path.join(self.work, "www")
+        os.makedirs(www, exist_ok=True)
+        rate = self.rate_mbit * 1e6
+        size = size_bytes or int(rate / 8 * 6)    # about 6 s of traffic
+        with open(os.path.join(www, "blob"), "wb") as f:
+            f.write(os.urandom(size))
+        with open(os.path.join(www, "small"), "wb") as f:
+            f.write(b"x")
+        srv = subprocess.Popen(in_reg(sys.executable, "-m", "http.server", "--bind", REG_IP, "--directory", www,
+                                      str(PORT + 9)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            url = "http://%s:%d/blob" % (REG_IP, PORT + 9)
+            small = "http://%s:%d/small" % (REG_IP, PORT + 9)
+            for _ in range(100):
+                r = subprocess.run(in_node("curl", "-s", "-o", "/dev/null", "--max-time", "2", small))
+                if r.returncode == 0:
+                    break
+                time.sleep(0.1)
+            conn = []
+            for _ in range(7):
+                out = sh(*in_node("curl", "-s", "-o", "/dev/null", "-w", "%{time_connect}", small),
+                         capture=True)
+                conn.append(float(out) * 1000)
+                time.sleep(0.05)
+            rx0, tx0 = self.counters()
+            t = time.monotonic()
+            out = sh(*in_node("curl", "-s", "-o", "/dev/null", "-w", "%{size_download}", url), capture=True)
+            dt = time.monotonic() - t
+            rx1, tx1 = self.counters()
+        finally:
+            srv.terminate()
+            srv.wait()
+        got = int(out)
+        res = {"rate_mbit": self.rate_mbit, "rtt_ms": self.rtt_ms, "rtt_measured_ms": statistics.median(conn),
+               "rtt_samples_ms": [round(c, 2) for c in conn], "download_bytes": got, "download_seconds": dt,
+               "goodput_mbit": got * 8 / dt / 1e6, "veth_rx_bytes": rx1 - rx0, "veth_tx_bytes": tx1 - tx0}
+        res["goodput_ratio"] = res["goodput_mbit"] / self.rate_mbit
+        log("link check: RTT %.1f ms (set %d), download %.1f MB in %.2f s = %.2f Mbit/s (%.0f %% of %g), "
+            "veth rx %.1f MB" % (res["rtt_measured_ms"], self.rtt_ms, got / 1e6, dt, res["goodput_mbit"],
+                                 100 * res["goodput_ratio"], self.rate_mbit, res["veth_rx_bytes"] / 1e6))
+        ok = (abs(res["rtt_measured_ms"] - self.rtt_ms) <= max(3, 0.15 * self.rtt_ms)
+              and 0.85 <= res["goodput_ratio"] <= 1.02 and got == size)
+        if not ok:
+            raise RuntimeError("the shaped link is off: %s" % json.dumps(res))
+        return res
+
+
+# ---------------------------------------------------------------------------------------------------
+# the registry inside wisp-bench-reg
+
+
+class Registry:
+    def __init__(self, work):
+        self.root = os.path.join(work, "registry")
+        self.conf = os.path.join(work, "registry.yml")
+        self.logf = os.path.join(work, "registry-ns.log")
+        self.proc = None
+
+    def fill(self, wisp, images):
+        """Push the corpus images and their wisp conversions into the storage (host-side registry)."""
+        sh(os.path.join(HERE, "registry"), "start", "--port", str(HOST_PORT), "--root", self.root)
+        try:
+            fams = sorted({i.split(":")[0] for i in images})
+            sh(os.path.join(HERE, "corpus"), "push", "--registry", "127.0.0.1:%d" % HOST_PORT, *fams,
+               stdout=sys.stderr)
+            conv = {}
+            for i in images:
+                out = sh(wisp, "convert", "docker://127.0.0.1:%d/%s" % (HOST_PORT, i),
+                         "docker://127.0.0.1:%d/wisp/%s" % (HOST_PORT, i), "--plain-http", "--json", capture=True)
+                conv[i] = json.loads(out)
+            return conv
+        finally:
+            sh(os.path.join(HERE, "registry"), "stop", "--port", str(HOST_PORT), check=False)
+
+    def start(self):
+        with open(self.conf, "w") as f:
+            f.write("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\n"
+                    "  redirect:\n    disable: true\nhttp:\n  addr: %s\n  secret: wisp-bench\n" % (self.root, REG))
+        self.proc = subprocess.Popen(in_reg("docker-registry", "serve", self.conf), stdout=open(self.logf, "a"),
+                                     stderr=subprocess.STDOUT)
+        for _ in range(200):
+            r = subprocess.run(in_node("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2",
+                                       "http://%s/v2/" % REG), capture_output=True, text=True)
+            if r.stdout == "200":
+                return
+            time.sleep(0.1)
+        raise RuntimeError("registry in %s does not answer (log %s)" % (NS_REG, self.logf))
+
+    def stop(self):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait()
+            self.proc = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# workloads: (argv in the container, env, how "first useful output" is recognized)
+
+WORKLOADS = {
+    "python-import": {"image": "python", "desc": "python3 -c 'import json, email; print(1)'",
+                      "argv": ["python3", "-c", PY_WORKLOAD], "http": False},
+    "python-http": {"image": "python", "desc": "python app entrypoint answers one HTTP request",
+                    "argv": ["python3", "/app/main.py"], "http": True},
+    "node-http": {"image": "node", "desc": "node app entrypoint answers one HTTP request",
+                  "argv": ["node", "/app/server.js"], "http": True},
+    "small-files": {"image": "python", "desc": "read 1000 random files of 1 B-64 KiB (fixed seed)",
+                    "files": 1000, "http": False},
+}
+SMALL_FILES = []
+
+
+def small_files(image):
+    """1000 regular files of 1 B-64 KiB from the corpus image's content list, fixed seed."""
+    if not SMALL_FILES:
+        import random
+        env = dict(l.split("=", 1) for l in sh(os.path.join(HERE, "corpus"), "env", capture=True).split())
+        fam, tag = image.split(":")
+        cands = []
+        with open(os.path.join(env["WISP_CORPUS_DIR"], "stats", "%s_%s.contents" % (fam, tag))) as f:
+            for line in f:
+                _, size, path = line.rstrip("\n").split(" ", 2)
+                if 0 < int(size) <= 65536:
+                    cands.append(path)
+        cands.sort()
+        SMALL_FILES.extend(random.Random(9).sample(cands, WORKLOADS["small-files"]["files"]))
+    return SMALL_FILES
+APP_PORT = 18080
+
+
+def run_workload(root, name, t0):
+    """Run the workload chrooted in ROOT; return (seconds to first useful output, seconds to exit)."""
+    w = WORKLOADS[name]
+    env = ["env", "-i", PATH_ENV, "HOME=/root", "LC_ALL=C.UTF-8", "HOST=127.0.0.1", "PORT=%d" % APP_PORT,
+           "APP_REQUESTS=1", "PYTHONUNBUFFERED=1"]
+    if w.get("files"):
+        n = 0
+        for rel in small_files("python:v1"):
+            with open(os.path.join(root, rel), "rb", buffering=0) as f:
+                while f.read(1 << 20):
+                    pass
+            n += 1
+        first = end = time.monotonic() - t0
+        return first, end
+    if w["http"]:
+        cmd = ["chroot", "--userspec=1000:1000", root, *env, *w["argv"]]
+        os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd="/")
+        first = None
+        while first is None:
+            r = subprocess.run(["curl", "-s", "--max-time", "30", "http://127.0.0.1:%d/" % APP_PORT],
+                               capture_output=True, text=True)
+            if r.returncode == 0 and '"version"' in r.stdout:
+                first = time.monotonic() - t0
+                break
+            if p.poll() is not None:
+                raise RuntimeError("%s exited with %s before answering" % (name, p.returncode))
+            time.sleep(0.02)
+        p.stdout.read()
+        rc = p.wait(120)
+    else:
+        cmd = ["chroot", root, *env, *w["argv"]]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = p.stdout.readline()
+        first = time.monotonic() - t0
+        if line.strip() != "1":
+            raise RuntimeError("%s printed %r (stderr %s)" % (name, line, p.stderr.read()[-500:]))
+        p.stdout.read()
+        rc = p.wait(600)
+    end = time.monotonic() - t0
+    if rc != 0:
+        raise RuntimeError("%s exited %d" % (name, rc))
+    return first, end
+
+
+def mount_overlay(lower, base):
+    for d in ("upper", "work", "root"):
+        os.makedirs(os.path.join(base, d), exist_ok=True)
+    sh("mount", "-t", "overlay", "overlay", "-o", "lowerdir=%s,upperdir=%s/upper,workdir=%s/work" % (lower, base, base),
+       os.path.join(base, "root"))
+    return os.path.join(base, "root")
+
+
+class Baseline:
+    """Full pull over the link (skopeo), unpack (umoci: every layer applied, whiteouts included), overlay
+    mount (the container's writable layer), then the workload."""
+    name = "baseline"
+
+    def __init__(self, work):
+        self.work = work
+        self.dir = None
+
+    def fresh(self):
+        self.dir = tempfile.mkdtemp(prefix="baseline-", dir=self.work)
+
+    def start(self, image, workload, t0, pulled=False):
+        d = self.dir
+        phases = {}
+        oci = os.path.join(d, "oci")
+        bundle = os.path.join(d, "bundle-" + image.replace(":", "-"))
+        if not pulled:
+            sh(*in_node("skopeo", "copy", "-q", "--src-tls-verify=false", "docker://%s/%s" % (REG, image),
+                        "oci:%s:%s" % (oci, image.replace(":", "-"))))
+            phases["pull"] = time.monotonic() - t0
+            sh("umoci", "unpack", "--image", "%s:%s" % (oci, image.replace(":", "-")), bundle, stdout=subprocess.DEVNULL)
+            phases["unpack"] = time.monotonic() - t0
+        ov = os.path.join(d, "ov-%d" % int(time.monotonic() * 1000))
+        root = mount_overlay(os.path.join(bundle, "rootfs"), ov)
+        phases["mount"] = time.monotonic() - t0
+        try:
+            first, end = run_workload(root, workload, t0)
+        finally:
+            sh("umount", root)
+        return first, end, phases, {}
+
+    def cleanup(self):
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
+class Wisp:
+    """`wisp mount` through the daemon (index over the link, files on demand), then the workload."""
+    name = "wisp"
+
+    def __init__(self, work, wisp):
+        self.work = work
+        self.wisp = wisp
+        self.dir = None
+        self.daemon = None
+
+    def fresh(self):
+        self.stop()
+        self.dir = tempfile.mkdtemp(prefix="wisp-", dir=self.work)
+        self.state = os.path.join(self.dir, "state")
+        self.daemon_log = open(os.path.join(self.dir, "daemon.log"), "a")
+        self.daemon = subprocess.Popen(in_node(self.wisp, "daemon", "--cache", os.path.join(self.dir, "cache"),
+                                               "--state", self.state), stdout=self.daemon_log,
+                                       stderr=self.daemon_log)
+        sock = os.path.join(self.state, "control.sock")
+        for _ in range(200):
+            if os.path.exists(sock):
+                return
+            if self.daemon.poll() is not None:
+                raise RuntimeError("wisp daemon exited (log %s/daemon.log)" % self.dir)
+            time.sleep(0.05)
+        raise RuntimeError("wisp daemon did not start")
+
+    def start(self, image, workload, t0, pulled=False):
+        mnt = os.path.join(self.dir, "mnt-" + image.replace(":", "-"))
+        os.makedirs(mnt, exist_ok=True)
+        sh(self.wisp, "mount", "docker://%s/wisp/%s" % (REG, image), mnt, "--plain-http", "--state", self.state)
+        phases = {"mount": time.monotonic() - t0}
+        try:
+            first, end = run_workload(mnt, workload, t0)
+        finally:
+            stats = json.loads(sh(self.wisp, "stats", "--json", "--state", self.state, capture=True))
+            sh(self.wisp, "umount", mnt, "--state", self.state)
+        return first, end, phases, stats
+
+    def stop(self):
+        if self.daemon is not None:
+            self.daemon.terminate()
+            try:
+                self.daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+            self.daemon = None
+
+    def cleanup(self):
+        self.stop()
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
+def image_stats(st, image):
+    """The stats entry of IMAGE from `wisp stats --json` (tolerant of the exact layout)."""
+    items = st.get("images", st) if isinstance(st, dict) else st
+    if isinstance(items, dict):
+        items = list(items.values())
+    for it in items:
+        if isinstance(it, dict) and ("/wisp/" + image) in it.get("reference", ""):
+            return it
+    return None
+
+
+def measure(system, image, workload, link, mode, t_pull_prev=False):
+    """One start; mode: cold (empty node cache, page cache dropped), warm (node cache populated from the
+    previous start of the same image), sibling (cache holds the other version)."""
+    drop_caches()
+    rx0, tx0 = link.counters()
+    t0 = time.monotonic()
+    first, end, phases, stats = system.start(image, workload, t0, pulled=t_pull_prev)
+    rx1, tx1 = link.counters()
+    r = {"system": system.name, "image": image, "workload": workload, "mode": mode, "first_output_s": first,
+         "exit_s": end, "phases_s": phases, "link_rx_bytes": rx1 - rx0, "link_tx_bytes": tx1 - tx0,
+         "rate_mbit": link.rate_mbit, "rtt_ms": link.rtt_ms, "load": os.getloadavg()[0]}
+    s = image_stats(stats, image) if stats else None
+    if s:
+        r["wisp_stats"] = s
+    log("%-8s %-13s %-10s %-7s first %.2f s, exit %.2f s, link %.2f MB down %s" % (
+        system.name, image, workload, mode, first, end, (rx1 - rx0) / 1e6,
+        " ".join("%s %.2f" % kv for kv in phases.items())))
+    return r
+
+
+def series(results, **kw):
+    return [r for r in results if all(r.get(k) == v for k, v in kw.items())]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="python import at 5 Mbit/s, 3 runs each")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs/bench"), help="where results.md, plots go")
+    ap.add_argument("--wisp", required=True)
+    ap.add_argument("--link-only", action="store_true", help="set up and check the links, then stop")
+    a = ap.parse_args()
+
+    work = tempfile.mkdtemp(prefix="wisp-bench.", dir="/var/tmp")
+    link = Link(work)
+    reg = Registry(work)
+    systems = []
+    results = []
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "kernel": platform.release(), "cpus": os.cpu_count(), "quick": a.quick, "runs": a.runs,
+            "load_start": os.getloadavg()}
+    for tool, argv in (("wisp", [a.wisp, "--version"]), ("skopeo", ["skopeo", "--version"]),
+                       ("umoci", ["umoci", "--version"]), ("docker-registry", ["docker-registry", "--version"])):
+        try:
+            meta.setdefault("versions", {})[tool] = sh(*argv, capture=True).strip().splitlines()[0]
+        except Exception as e:   # noqa: BLE001 - a version string is informational
+            meta.setdefault("versions", {})[tool] = "? (%s)" % e
+    meta["versions"]["kernel"] = platform.release()
+    meta["nydus"] = "skipped (NYDUS_BIN not given)" if not os.environ.get("NYDUS_BIN") else \
+        "skipped (NYDUS_BIN given, but the Nydus runner is not implemented yet)"
+
+    def stop_all(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_all)
+    try:
+        links = [(5, 50)] if a.quick else [(5, 50), (100, 10)]
+        meta["link_checks"] = []
+        if a.link_only:
+            for rate, rtt in links:
+                link.up(rate, rtt)
+                meta["link_checks"].append(link.check())
+            print(json.dumps(meta["link_checks"], indent=1))
+            return
+        images = ["python:v1"] if a.quick else ["python:v1", "python:v2", "node:v1"]
+        log("filling the registry storage: corpus images and their wisp conversions")
+        meta["convert"] = reg.fill(a.wisp, images)
+        base, wsp = Baseline(work), Wisp(work, a.wisp)
+        systems = [base, wsp]
+        for rate, rtt in links:
+            if link.rtt_ms != rtt or link.rate_mbit is None:
+                reg.stop()
+                link.up(rate, rtt)
+                reg.start()
+            else:
+                link.shape(rate, rtt)
+            meta["link_checks"].append(link.check())
+            if a.quick:
+                wl = ["python-import"]
+            elif rate <= 5:
+                wl = ["python-import", "python-http"]
+            else:
+                wl = ["python-import", "python-http", "node-http", "small-files"]
+            for w in wl:
+                image = WORKLOADS[w]["image"] + ":v1"
+                for run in range(a.runs):
+                    for s in systems:
+                        s.fresh()
+                        results.append(measure(s, image, w, link, "cold"))
+                        if not a.quick and run == 0 and w == "python-import":
+                            # warm: same node, image again (baseline: already unpacked; wisp: cache filled)
+                            results.append(measure(s, image, w, link, "warm", t_pull_prev=True))
+                            # sibling: python:v2 after v1
+                            results.append(measure(s, "python:v2", w, link, "sibling"))
+                        s.cleanup()
+    finally:
+        for s in systems:
+            s.cleanup()
+        reg.stop()
+        link.down()
+        meta["load_end"] = os.getloadavg()
+    out = {"meta": meta, "results": results}
+    if a.json:
+        with open(a.json + ".tmp", "w") as f:
+            json.dump(out, f, indent=1)
+        os.rename(a.json + ".tmp", a.json)
+    os.makedirs(a.out, exist_ok=True)
+    raw = os.path.join(a.out, "results-quick.json" if a.quick else "results.json")
+    with open(raw, "w") as f:
+        json.dump(out, f, indent=1)
+    sh(sys.executable, os.path.join(HERE, "bench-report.py"), raw, a.out)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

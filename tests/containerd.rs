@@ -358,6 +358,10 @@ fn containerd_runs_wisp_images_lazily() {
         stored as f64 / 1e6
     );
     assert!(!served.is_empty(), "the cold start fetched nothing: not lazy through wisp?");
+    // Only objects: the daemon took the index from the layer containerd had unpacked.
+    let object_blobs: HashSet<&str> = v1_objects.iter().map(|o| o.1.as_str()).collect();
+    let other: Vec<&(String, u64)> = served.iter().filter(|b| !object_blobs.contains(b.0.as_str())).collect();
+    assert!(other.is_empty(), "the cold start fetched blobs that are not objects: {other:?}");
     assert!(wire * 4 <= stored, "startup fetched {wire} bytes, more than 25% of {stored}");
     // Two containers of v1 and one of v2 at once; writes land in the snapshot's upper dir only.
     node.ctr(&[

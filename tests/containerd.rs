@@ -183,14 +183,14 @@ impl Node {
 
     /// Kills and deletes every container (and so its snapshot).
     fn remove_containers(&self) {
-        for line in self.ctr(&["containers", "ls", "-q"]).lines() {
-            let _ = self.ctr_out(&["tasks", "kill", "-s", "SIGKILL", line]);
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_secs(30) && self.ctr_out(&["tasks", "delete", line]).status.success() {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = self.ctr_out(&["tasks", "delete", "-f", line]);
-            self.ctr(&["containers", "delete", line]);
+        for id in self.ctr(&["containers", "ls", "-q"]).lines() {
+            let _ = self.ctr_out(&["tasks", "kill", "-s", "SIGKILL", id]);
+            // The task can be deleted once it has stopped.
+            wait_for(&format!("the end of task {id}"), &self.dir.join("containerd/log"), || {
+                self.ctr_out(&["tasks", "delete", id]).status.success()
+                    || !self.ctr(&["tasks", "ls", "-q"]).lines().any(|l| l == id)
+            });
+            self.ctr(&["containers", "delete", id]);
         }
     }
 }

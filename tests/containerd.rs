@@ -219,7 +219,21 @@ impl Drop for Node {
                 let _ = Command::new("umount").arg("-l").arg(p).status();
             }
         }
+        // The supervisor keeps running while it cannot unmount (after the lazy unmounts above it cannot
+        // find them) and is then killed by Proc::stop: end its worker too, not to leave it behind.
+        let worker = self.daemon.as_ref().and_then(|_| {
+            let sock = self.dir.join("daemon/state/control.sock");
+            let req = wisp::daemon::protocol::Request::Status;
+            wisp::daemon::protocol::call(&sock, &req, Some(Duration::from_secs(10))).ok()?["worker_pid"].as_i64()
+        });
         self.daemon.take();
+        let ours = |pid: i64| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(self.dir.to_str().unwrap()))
+        };
+        if let Some(pid) = worker.filter(|p| ours(*p)) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
         let _ = Command::new(common::repo_root().join("scripts/registry"))
             .args(["stop", "--port", &PORT.to_string()])
             .status();

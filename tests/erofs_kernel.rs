@@ -89,7 +89,7 @@ fn round_trip(src: &Path, fsck_external: bool, sparse_files: &[&str]) {
     fsck_erofs(&inline, &[]);
     let mnt = work.path().join("mnt-inline");
     std::fs::create_dir(&mnt).unwrap();
-    wisp::mount::mount_erofs_file(&inline, &mnt, &[]).unwrap();
+    wisp::mount::mount_erofs_file(&inline, &mnt, &[], false).unwrap();
     let guard = Mounted(mnt.clone());
     let diffs = compare_trees(src, &mnt, &opts);
     assert!(diffs.is_empty(), "inline image differs from {}:\n{}", src.display(), diffs.join("\n"));
@@ -108,7 +108,7 @@ fn round_trip(src: &Path, fsck_external: bool, sparse_files: &[&str]) {
     }
     let mnt = work.path().join("mnt-external");
     std::fs::create_dir(&mnt).unwrap();
-    wisp::mount::mount_erofs_file(&external, &mnt, &devices).unwrap();
+    wisp::mount::mount_erofs_file(&external, &mnt, &devices, false).unwrap();
     let guard = Mounted(mnt.clone());
     let diffs = compare_trees(src, &mnt, &opts);
     assert!(diffs.is_empty(), "external image differs from {}:\n{}", src.display(), diffs.join("\n"));

@@ -177,7 +177,7 @@ impl Mounts {
 
     fn kernel_mount(&self, rec: &MountRecord, img: &Image) -> Result<()> {
         let devices: Vec<PathBuf> = img.devices.iter().map(|e| self.core.cache().path(&e.digest)).collect();
-        crate::mount::mount_erofs_file(&img.erofs_path(), &rec.lower, &devices)?;
+        crate::mount::mount_erofs_file(&img.erofs_path(), &rec.lower, &devices, true)?;
         if rec.lower_only {
             return Ok(());
         }

@@ -9,7 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use fscache::fanotify::journal::Journal;
+use fscache::fanotify::journal::{self, Journal};
 use fscache::fanotify::{Frontend, Group};
 
 use super::core::Core;
@@ -26,11 +26,30 @@ pub fn run(cfg: &Config) -> Result<()> {
     nix::sys::signal::SigSet::all().thread_unblock().context("unblocking signals")?;
     let sock = UnixStream::from(std::io::stdin().as_fd().try_clone_to_owned().context("dup of stdin")?);
     let (label, fds) = fscache::fdpass::recv_fds(&sock).context("receiving the daemon fds from the supervisor")?;
+    drop(sock);
     let [group, listener]: [std::os::fd::OwnedFd; 2] =
         fds.try_into().map_err(|v: Vec<_>| anyhow::anyhow!("expected 2 fds from the supervisor, got {}", v.len()))?;
     if label != FDS_LABEL {
         bail!("unexpected fd message {label:?} from the supervisor");
     }
+
+    // Before anything else is opened: no fd of this process may take the number of an event a dead
+    // worker read and nobody has answered yet (the kernel matches responses by fd number). Move the
+    // fds held so far above the highest such number and hold every number below it (journal docs).
+    let (mut journal, left) = Journal::open(&cfg.state.join("inflight")).context("opening the in-flight journal")?;
+    let (group, listener, _reserved) = match left.ceiling() {
+        None => (group, listener, None),
+        Some(top) => {
+            let group = journal::lift(group, top).context("moving the fanotify group fd")?;
+            let listener = journal::lift(listener, top).context("moving the control socket fd")?;
+            journal.lift(top).context("moving the journal fd")?;
+            let r = journal::Reservation::claim(Some(top)).context("holding the fd numbers of pending events")?;
+            if !r.strays().is_empty() {
+                tracing::error!(fds = ?r.strays(), "fds open at start-up below a pending event's number");
+            }
+            (group, listener, Some(r))
+        }
+    };
     let group = Group::from_owned_fd(group);
     let listener = UnixListener::from(listener);
 
@@ -38,7 +57,6 @@ pub fn run(cfg: &Config) -> Result<()> {
     let fetcher = Fetcher::new(cfg.fetch_options(&cache));
     let core = Arc::new(Core::new(cache, fetcher));
     let frontend = Arc::new(Frontend::new(group, Arc::clone(&core), "wisp", cfg.fill_workers)?);
-    let (journal, left) = Journal::open(&cfg.state.join("inflight")).context("opening the in-flight journal")?;
     frontend.set_journal(journal);
     let mounts = Arc::new(Mounts::new(&cfg.state, Arc::clone(&core), Arc::clone(&frontend)));
     let restored = mounts.restore().context("restoring mounts")?;

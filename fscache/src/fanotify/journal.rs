@@ -15,9 +15,21 @@
 //! can also deny numbers that were read but died before being recorded (a window of a few
 //! instructions between `read(2)` and the journal write). Only process death must be survived, not a
 //! machine crash (a reboot has no pending events), so the journal is written without fsync.
+//!
+//! A dead worker's events stay recorded until a successor answers them, so a worker killed while it
+//! still waits to answer its predecessor's events hands them on to the next one.
+//!
+//! **Fd numbers.** While a dead worker's event is pending, no other event may be read into its number:
+//! a response to the new event would be applied to the old one (the first match on the group's access
+//! list), letting the old reader in before its range is filled. A restarted worker therefore, before it
+//! opens anything else: opens the journal, moves the fds it already holds above the highest recorded
+//! number ([`lift`], [`Journal::lift`]) and fills every number up to it with `/dev/null`
+//! ([`Reservation::claim`]), holding them for its lifetime. Only 0, 1 and 2 stay as they are, and
+//! every worker has those open, so no event was ever read into them.
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -47,6 +59,70 @@ pub struct Leftovers {
     pub high_water: i32,
 }
 
+impl Leftovers {
+    /// The highest fd number of a recorded event: the numbers a new worker must hold (None: none).
+    pub fn ceiling(&self) -> Option<i32> {
+        self.orphans.iter().map(|o| o.fd).max()
+    }
+}
+
+/// Moves `fd` to the lowest free number above `ceiling` (close-on-exec), closing its old number.
+pub fn lift(fd: OwnedFd, ceiling: i32) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > ceiling {
+        return Ok(fd);
+    }
+    crate::sys::dup_at_least(fd.as_fd(), ceiling.saturating_add(1))
+}
+
+/// Every fd number from 3 up to a ceiling, held open (on `/dev/null`) so that no file or event of
+/// this process gets one of them. Keep it for the process's lifetime.
+#[derive(Debug)]
+pub struct Reservation {
+    held: Vec<File>,
+    strays: Vec<i32>,
+}
+
+impl Reservation {
+    /// Fills every free number up to `ceiling` (nothing for None). Numbers in 3..=ceiling that were
+    /// already open are reported by [`Reservation::strays`]: the caller should have lifted them.
+    pub fn claim(ceiling: Option<i32>) -> io::Result<Reservation> {
+        let mut r = Reservation { held: Vec::new(), strays: Vec::new() };
+        let Some(ceiling) = ceiling else { return Ok(r) };
+        loop {
+            let f = File::open("/dev/null")?;
+            if f.as_raw_fd() > ceiling {
+                break;
+            }
+            r.held.push(f);
+        }
+        // Every number up to the ceiling is taken now, so this listing's own fd is above it.
+        let held: std::collections::HashSet<i32> = r.held.iter().map(AsRawFd::as_raw_fd).collect();
+        for e in std::fs::read_dir("/proc/self/fd")? {
+            let n: i32 = e?.file_name().to_str().and_then(|s| s.parse().ok()).unwrap_or(-1);
+            if (3..=ceiling).contains(&n) && !held.contains(&n) {
+                r.strays.push(n);
+            }
+        }
+        r.strays.sort_unstable();
+        Ok(r)
+    }
+
+    /// Numbers in the range that were open before the claim (and may be closed, then reused, later).
+    pub fn strays(&self) -> &[i32] {
+        &self.strays
+    }
+
+    /// How many numbers are held.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// True if nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+}
+
 /// The journal file of the current worker.
 #[derive(Debug)]
 pub struct Journal {
@@ -55,16 +131,22 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Opens (creating) the journal at `path`, returns what earlier workers left in it, and clears it.
+    /// Opens (creating) the journal at `path` and returns what earlier workers left in it. Their
+    /// events stay recorded until [`Journal::end`] clears them.
     pub fn open(path: &Path) -> io::Result<(Journal, Leftovers)> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         let left = read_leftovers(&file)?;
-        file.set_len(0)?;
-        let j = Journal { file, high_water: AtomicI32::new(-1) };
-        if left.high_water >= 0 {
-            j.raise_high_water(left.high_water)?;
-        }
+        let j = Journal { file, high_water: AtomicI32::new(left.high_water) };
         Ok((j, left))
+    }
+
+    /// Moves the journal's own fd above `ceiling` (see [`lift`]).
+    pub fn lift(&mut self, ceiling: i32) -> io::Result<()> {
+        if self.file.as_raw_fd() <= ceiling {
+            // The assignment closes the old number.
+            self.file = File::from(crate::sys::dup_at_least(self.file.as_fd(), ceiling.saturating_add(1))?);
+        }
+        Ok(())
     }
 
     /// Records that the event read as fd `fd` is for object (`dev`, `ino`).
@@ -140,9 +222,35 @@ mod tests {
         let (j2, left) = Journal::open(&p).unwrap();
         assert_eq!(left.high_water, 9);
         assert_eq!(left.orphans, vec![Orphan { fd: 5, dev: 1, ino: 100 }, Orphan { fd: 7, dev: 2, ino: 300 }]);
+        assert_eq!(left.ceiling(), Some(7));
         drop(j2);
-        // the second worker recorded nothing: the high-water mark is kept, the orphans are not
-        let (_j3, left) = Journal::open(&p).unwrap();
+        // the second worker answered nothing: the orphans are handed on
+        let (j3, left) = Journal::open(&p).unwrap();
+        assert_eq!(left.orphans.len(), 2);
+        j3.end(5).unwrap();
+        j3.end(7).unwrap();
+        drop(j3);
+        // answered: gone; the high-water mark is kept
+        let (_j4, left) = Journal::open(&p).unwrap();
         assert_eq!(left, Leftovers { orphans: vec![], high_water: 9 });
+        assert_eq!(left.ceiling(), None);
+    }
+
+    #[test]
+    fn lifted_fds_and_reservation_cover_the_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(&dir.path().join("inflight")).unwrap();
+        let own = OwnedFd::from(File::open("/dev/zero").unwrap());
+        let ceiling = own.as_raw_fd().max(j.file.as_raw_fd()) + 3;
+        let own = lift(own, ceiling).unwrap();
+        j.lift(ceiling).unwrap();
+        assert!(own.as_raw_fd() > ceiling && j.file.as_raw_fd() > ceiling);
+        j.begin(1, 2, 3).unwrap(); // the journal still works after the move
+        let r = Reservation::claim(Some(ceiling)).unwrap();
+        // other tests of this binary run in parallel and may hold numbers in the range
+        for n in 3..=ceiling {
+            let held = r.held.iter().any(|f| f.as_raw_fd() == n);
+            assert!(held || r.strays().contains(&n), "{n} neither held nor reported");
+        }
     }
 }

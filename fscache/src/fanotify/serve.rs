@@ -73,9 +73,6 @@ struct Inner<B: Backend> {
     fills: AtomicU64,
     failures: AtomicU64,
     journal: OnceLock<Journal>,
-    /// Fd numbers held open so that no new event fd gets the number of a dead worker's event that is
-    /// still pending: the kernel matches a response to the first pending event with that number.
-    reserved: Mutex<Vec<std::fs::File>>,
 }
 
 /// Stops [`Frontend::run`] from another thread.
@@ -124,7 +121,6 @@ impl<B: Backend> Frontend<B> {
             fills: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             journal: OnceLock::new(),
-            reserved: Mutex::new(Vec::new()),
         };
         Ok(Frontend { inner: Arc::new(inner), pool })
     }
@@ -173,6 +169,11 @@ impl<B: Backend> Frontend<B> {
     /// a helper thread, which raises a fresh event); the others are allowed. Call after every object
     /// has been [`add`](Frontend::add)ed again and before [`run`](Frontend::run) (which must then run
     /// for the resumed readers to be answered).
+    ///
+    /// The process must hold every fd number up to [`Leftovers::ceiling`] for as long as those events
+    /// may be pending (see [`super::journal::Reservation`]): the kernel finds the event a response is
+    /// for by fd number alone, so a new event read into such a number would have its answer applied
+    /// to the old event, letting its reader see an unfilled (zero) range.
     pub fn recover(&self, left: &Leftovers) -> Recovery {
         let inner = &self.inner;
         let mut r = Recovery::default();
@@ -198,23 +199,7 @@ impl<B: Backend> Frontend<B> {
                         if inner.group.respond_number(o.fd, Response::Allow).is_ok() {
                             r.allowed += 1;
                         }
-                    }
-                }
-            }
-        }
-        // The resumed events stay pending until their fill ends. The kernel finds the event a response
-        // is for by fd number alone, so a new event read into one of those numbers would have its
-        // answer applied to the old event, letting its reader see an unfilled (zero) range. Hold every
-        // free number up to the highest pending one before reading any event.
-        if let Some(max) = left.orphans.iter().map(|o| o.fd).max() {
-            let mut held = inner.reserved.lock().unwrap_or_else(|e| e.into_inner());
-            loop {
-                match std::fs::File::open("/dev/null") {
-                    Ok(f) if std::os::fd::AsRawFd::as_raw_fd(&f) <= max => held.push(f),
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::error!(error = %e, "reserving fd numbers of pending events");
-                        break;
+                        inner.journal_end(o.fd);
                     }
                 }
             }
@@ -341,8 +326,12 @@ impl<B: Backend> Inner<B> {
         if let Err(e) = self.group.respond(fd.as_fd(), response) {
             tracing::error!(error = %e, ?response, "fanotify response failed");
         }
+        self.journal_end(fd.as_raw_fd());
+    }
+
+    fn journal_end(&self, fd: i32) {
         if let Some(j) = self.journal.get() {
-            if let Err(e) = j.end(fd.as_raw_fd()) {
+            if let Err(e) = j.end(fd) {
                 tracing::error!(error = %e, "clearing an event in the journal");
             }
         }
@@ -354,6 +343,7 @@ impl<B: Backend> Inner<B> {
             if let Err(e) = self.group.respond_number(n, response) {
                 tracing::debug!(error = %e, fd = n, "answering a recovered event");
             }
+            self.journal_end(n);
         }
     }
 }

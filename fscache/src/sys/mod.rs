@@ -21,7 +21,7 @@ fn adopt(raw: RawFd) -> io::Result<OwnedFd> {
     }
     // SAFETY: callers (all in this module tree) pass only an fd the kernel installed for this process
     // during the syscall they just made (an OPEN message read from /dev/cachefiles, a fanotify event,
-    // an SCM_RIGHTS message, fanotify_init, eventfd). Nobody else owns it, so the OwnedFd is its only
+    // an SCM_RIGHTS message, fanotify_init, eventfd, F_DUPFD_CLOEXEC). Nobody else owns it, so the OwnedFd is its only
     // owner and closes it exactly once.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     Ok(fd)
@@ -34,6 +34,16 @@ pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     let flags = FdFlag::from_bits_truncate(flags) | FdFlag::FD_CLOEXEC;
     fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(flags))?;
     Ok(())
+}
+
+/// A close-on-exec duplicate of `fd` at the lowest free number >= `min` (`F_DUPFD_CLOEXEC`).
+pub fn dup_at_least(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) takes two integers and returns a new fd or -1.
+    let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    adopt(raw)
 }
 
 /// A blocking, close-on-exec eventfd (wakes the io_uring loop from worker threads; blocking so that an

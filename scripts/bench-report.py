@@ -40,6 +40,8 @@ def main():
     meta, results = data["meta"], data["results"]
     quick = meta.get("quick")
     stem = "results-quick" if quick else "results"
+    failed = [r for r in results if r.get("error")]
+    results = [r for r in results if not r.get("error")]
     g = groups(results)
     lines = []
     p = lines.append
@@ -53,6 +55,21 @@ def main():
     p("")
     p("Nydus: %s." % meta.get("nydus", "skipped"))
     p("")
+    if meta.get("wisp_daemon_args"):
+        p("wisp daemon arguments (not the defaults): `%s`." % " ".join(meta["wisp_daemon_args"]))
+        p("")
+    for r in failed:
+        p("**Failed start:** %s %s %s at %g Mbit/s: `%s`" % (r["system"], r["image"], r["workload"], r["rate_mbit"],
+                                                          r["error"][:300]))
+        p("")
+    if meta.get("registry_tcp_slow_start_after_idle") == 0:
+        p("**Experiment:** `net.ipv4.tcp_slow_start_after_idle=0` in the registry's namespace (the sender keeps its "
+          "congestion window across idle gaps between fills).")
+        p("")
+    used = sorted({r["workload"] for r in results})
+    if meta.get("workloads"):
+        p("Workloads: " + "; ".join("`%s`: %s" % (w, meta["workloads"].get(w, "?")) for w in used) + ".")
+        p("")
     p("## Link checks (measured before the runs)\n")
     p("| set rate | set RTT | measured RTT (TCP connect, median of 7) | timed download | goodput |")
     p("|--:|--:|--:|--:|--:|")
@@ -72,7 +89,7 @@ def main():
     for k in sorted(g, key=lambda k: (-k[0], k[2], ["cold", "warm", "sibling"].index(k[3]))):
         rate, rtt, wl, mode, image = k
         sy = g[k]
-        lim, limb = limit_s(sy.get("wisp", []), rate)
+        lim, limb = limit_s(sy.get("wisp", []), rate) if mode == "cold" else (None, None)
         bmed = med([r["exit_s"] for r in sy.get("baseline", [])])
         wmed = med([r["exit_s"] for r in sy.get("wisp", [])])
         for sname in ("baseline", "wisp"):

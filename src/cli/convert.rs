@@ -39,6 +39,10 @@ pub struct Args {
     /// Parallel object uploads.
     #[arg(long, default_value_t = 8)]
     upload_jobs: usize,
+    /// A startup prefetch list to ship with the index (`wisp/prefetch.list`): one path of a regular
+    /// file of the image per line, in first-read order, e.g. from `wisp stats --accessed DIR`.
+    #[arg(long, value_name = "FILE")]
+    prefetch: Option<std::path::PathBuf>,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -59,6 +63,12 @@ pub fn run(a: Args) -> Result<()> {
         println!("{}", serde_json::json!({"tar_bytes": tar_bytes, "file_bytes": file_bytes, "seconds": seconds}));
         return Ok(());
     }
+    let prefetch = match &a.prefetch {
+        Some(p) => {
+            Some((p.display().to_string(), std::fs::read(p).with_context(|| format!("reading {}", p.display()))?))
+        }
+        None => None,
+    };
     let dst: Arc<dyn oci::Repo> =
         Arc::from(oci::open(&a.dst, &topts, true).with_context(|| format!("opening {}", a.dst))?);
     let store = store::open(a.store.as_ref(), &a.dst, Arc::clone(&dst), true)?;
@@ -69,6 +79,7 @@ pub fn run(a: Args) -> Result<()> {
         index_compression: a.index_compression,
         upload_jobs: a.upload_jobs,
         progress: !a.json,
+        prefetch,
     };
     let sum = convert(&*src, &*dst, store, a.store.is_none(), &opts)?;
     if a.json {

@@ -51,6 +51,10 @@ pub struct StatsArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Print instead the files the image mounted at DIR has read so far, one path per line in
+    /// first-read order: a prefetch list for `wisp convert --prefetch`.
+    #[arg(long, value_name = "DIR")]
+    accessed: Option<PathBuf>,
     #[command(flatten)]
     state: StateArg,
 }
@@ -91,19 +95,25 @@ pub fn umount(a: UmountArgs) -> Result<()> {
 }
 
 pub fn stats(a: StatsArgs) -> Result<()> {
+    if let Some(dir) = a.accessed {
+        let req = Request::Accessed { dir: abs(dir)? };
+        let v = protocol::call(&protocol::socket_path(&a.state.state), &req, Some(Duration::from_secs(60)))?;
+        print!("{}", v["list"].as_str().unwrap_or_default());
+        return Ok(());
+    }
     let v = protocol::call(&protocol::socket_path(&a.state.state), &Request::Stats, Some(Duration::from_secs(30)))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!(
-        "{:<48} {:>8} {:>8} {:>10} {:>10} {:>6} {:>8} {:>8} {:>8}",
-        "IMAGE", "OBJECTS", "FETCHED", "FETCHED_MB", "IMAGE_MB", "HITS", "P50_MS", "P90_MS", "P99_MS"
+        "{:<48} {:>8} {:>8} {:>10} {:>10} {:>6} {:>8} {:>8} {:>8} {:>10}",
+        "IMAGE", "OBJECTS", "FETCHED", "FETCHED_MB", "IMAGE_MB", "HITS", "P50_MS", "P90_MS", "P99_MS", "PREFETCHED"
     );
     for i in v["images"].as_array().into_iter().flatten() {
         let f = |k: &str| i[k].as_f64().unwrap_or(0.0);
         println!(
-            "{:<48} {:>8} {:>8} {:>10.2} {:>10.2} {:>6} {:>8.1} {:>8.1} {:>8.1}",
+            "{:<48} {:>8} {:>8} {:>10.2} {:>10.2} {:>6} {:>8.1} {:>8.1} {:>8.1} {:>10}",
             i["reference"].as_str().unwrap_or("?"),
             f("objects"),
             f("objects_fetched"),
@@ -112,7 +122,8 @@ pub fn stats(a: StatsArgs) -> Result<()> {
             f("cache_hits"),
             f("latency_ms_p50"),
             f("latency_ms_p90"),
-            f("latency_ms_p99")
+            f("latency_ms_p99"),
+            format!("{}/{}", f("prefetched"), f("prefetch_listed"))
         );
     }
     Ok(())

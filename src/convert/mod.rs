@@ -37,6 +37,8 @@ pub struct ConvertOptions {
     /// Parallel object uploads.
     pub upload_jobs: usize,
     pub progress: bool,
+    /// A startup prefetch list (its name for errors, its text) to ship as `wisp/prefetch.list`.
+    pub prefetch: Option<(String, Vec<u8>)>,
 }
 
 impl Default for ConvertOptions {
@@ -48,6 +50,7 @@ impl Default for ConvertOptions {
             index_compression: index_image::LayerCompression::Zstd,
             upload_jobs: 8,
             progress: false,
+            prefetch: None,
         }
     }
 }
@@ -153,6 +156,10 @@ pub fn convert(
     sum.tar_file_bytes = pass.uncompressed_bytes;
     sum.merge_seconds = start.elapsed().as_secs_f64();
     let tree = merger.into_tree();
+    let prefetch = match &opts.prefetch {
+        Some((name, text)) => Some(index_image::check_prefetch(&tree, text, name)?),
+        None => None,
+    };
 
     // What survives: reachable files and the objects they name.
     let mut used: BTreeMap<Digest, u64> = BTreeMap::new();
@@ -199,7 +206,15 @@ pub fn convert(
 
     // The index image.
     let index_start = Instant::now();
-    let built = index_image::build(&tree, &pass.inline, &entries, &source, store_is_dst, opts.index_compression)?;
+    let built = index_image::build(
+        &tree,
+        &pass.inline,
+        &entries,
+        &source,
+        store_is_dst,
+        opts.index_compression,
+        prefetch.as_deref(),
+    )?;
     sum.index_erofs_bytes = built.erofs_bytes;
     sum.index_map_bytes = built.map_bytes;
     sum.index_layer_bytes = built.layer.len() as u64;

@@ -95,6 +95,30 @@ impl Core {
         }
     }
 
+    /// The objects filled for `image` so far, in order.
+    pub fn fill_order(&self, image: &str) -> Vec<Digest> {
+        self.stats().get(image).map(|s| s.order.clone()).unwrap_or_default()
+    }
+
+    /// Prefetch progress of `image` (src/daemon/prefetch.rs).
+    pub fn prefetch_listed(&self, image: &str, n: u64) {
+        if let Some(s) = self.stats().get_mut(image) {
+            s.prefetch_listed = n;
+        }
+    }
+
+    pub fn count_prefetched(&self, image: &str) {
+        if let Some(s) = self.stats().get_mut(image) {
+            s.prefetched += 1;
+        }
+    }
+
+    pub fn prefetch_done(&self, image: &str) {
+        if let Some(s) = self.stats().get_mut(image) {
+            s.prefetch_done = true;
+        }
+    }
+
     pub fn forget_image(&self, image: &str) {
         self.stats().remove(image);
     }
@@ -178,6 +202,9 @@ impl Backend for Core {
                 }
                 (Ok(()), Joined::Shared) => s.shared += 1,
                 (Err(_), _) => s.failures += 1,
+            }
+            if result.is_ok() {
+                s.push_filled(h.entry.digest);
             }
             s.push_latency(ms);
         }

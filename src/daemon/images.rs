@@ -5,6 +5,7 @@
 //! index.erofs    the EROFS index, mounted file-backed
 //! objects.map    the object map (src/oci/objmap.rs format)
 //! image.json     how to reach the image's objects again after a daemon restart
+//! prefetch.list  the startup prefetch list, when the index image has one
 //! ```
 
 use std::collections::HashMap;
@@ -37,6 +38,8 @@ pub struct Image {
     /// The image's objects in device-table order (device id = index + 1).
     pub devices: Vec<ObjectEntry>,
     pub store: Arc<dyn ObjectStore>,
+    /// The startup prefetch list (absolute paths in the image), empty when the image has none.
+    pub prefetch: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Image {
@@ -82,8 +85,12 @@ pub fn pull(state: &Path, spec: &ImageSpec) -> Result<Image> {
     write_atomic(&dir.join("objects.map"), &objmap::encode(&pulled.objects))?;
     write_atomic(&dir.join("image.json"), &serde_json::to_vec_pretty(spec)?)?;
     write_atomic(&dir.join("index.erofs"), &pulled.erofs)?;
+    if let Some(list) = &pulled.prefetch {
+        write_atomic(&dir.join("prefetch.list"), list)?;
+    }
     let devices = device_order(&pulled.erofs, &pulled.objects)?;
-    Ok(Image { id, dir, spec: spec.clone(), devices, store })
+    let prefetch = prefetch_of(pulled.prefetch.as_deref());
+    Ok(Image { id, dir, spec: spec.clone(), devices, store, prefetch })
 }
 
 /// Takes the index of `spec` from a local directory (`index.erofs` and `objects.map`, as unpacked from
@@ -103,7 +110,11 @@ pub fn from_local(state: &Path, index_dir: &Path, spec: &ImageSpec) -> Result<Im
     write_atomic(&dir.join("objects.map"), &map_bytes)?;
     write_atomic(&dir.join("image.json"), &serde_json::to_vec_pretty(spec)?)?;
     write_atomic(&dir.join("index.erofs"), &erofs_bytes)?;
-    Ok(Image { id, dir, spec: spec.clone(), devices, store })
+    let list = read_optional(&index_dir.join("prefetch.list"))?;
+    if let Some(list) = &list {
+        write_atomic(&dir.join("prefetch.list"), list)?;
+    }
+    Ok(Image { id, dir, spec: spec.clone(), devices, store, prefetch: prefetch_of(list.as_deref()) })
 }
 
 /// Loads an image pulled earlier (after a daemon restart).
@@ -114,7 +125,8 @@ pub fn load(state: &Path, id: &str) -> Result<Image> {
     let erofs_bytes = fs::read(dir.join("index.erofs"))?;
     let devices = device_order(&erofs_bytes, &map)?;
     let (_, _, store) = open_store(&spec)?;
-    Ok(Image { id: id.to_owned(), dir, spec, devices, store })
+    let prefetch = prefetch_of(read_optional(&dir.join("prefetch.list"))?.as_deref());
+    Ok(Image { id: id.to_owned(), dir, spec, devices, store, prefetch })
 }
 
 /// The object of every device-table slot, in slot order.
@@ -138,4 +150,18 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))
+}
+
+/// The paths of a prefetch list (`wisp/prefetch.list`: one absolute path per line).
+fn prefetch_of(list: Option<&[u8]>) -> Vec<Vec<u8>> {
+    list.unwrap_or_default().split(|&b| b == b'\n').filter(|l| l.starts_with(b"/")).map(<[u8]>::to_vec).collect()
+}
+
+/// A file's bytes, or None when it does not exist.
+fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }

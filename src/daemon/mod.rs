@@ -7,6 +7,7 @@
 //!   serve), [`fetcher`] (single flight, bounded concurrency, retries, deadline), [`cache`] (sparse
 //!   object files named by sha256, completeness record), [`images`] (index images under the state
 //!   directory), [`stats`].
+//! * [`prefetch`]: the startup prefetch list (recording first reads, prefetching at mount).
 //! * [`mounts`]: EROFS file-backed + overlayfs mounts; [`protocol`]: the control socket.
 
 pub mod cache;
@@ -14,6 +15,7 @@ pub mod core;
 pub mod fetcher;
 pub mod images;
 pub mod mounts;
+pub mod prefetch;
 pub mod protocol;
 pub mod stats;
 pub mod supervisor;

@@ -41,6 +41,7 @@ pub struct Mounts {
     core: Arc<Core>,
     frontend: Arc<Frontend<Core>>,
     live: Mutex<HashMap<String, (MountRecord, Arc<Image>)>>,
+    prefetch: super::prefetch::Prefetches,
 }
 
 impl std::fmt::Debug for Mounts {
@@ -68,7 +69,13 @@ fn mounted() -> Result<Vec<PathBuf>> {
 
 impl Mounts {
     pub fn new(state: &Path, core: Arc<Core>, frontend: Arc<Frontend<Core>>) -> Self {
-        Mounts { state: state.to_owned(), core, frontend, live: Mutex::new(HashMap::new()) }
+        Mounts {
+            state: state.to_owned(),
+            core,
+            frontend,
+            live: Mutex::new(HashMap::new()),
+            prefetch: Default::default(),
+        }
     }
 
     pub fn core(&self) -> &Core {
@@ -171,6 +178,7 @@ impl Mounts {
             "id": id, "image": img.id, "dir": rec.dir, "upper": rec.upper, "objects": img.devices.len(),
             "content_bytes": img.content_bytes(), "stored_bytes": img.stored_bytes(), "frontend": "fanotify",
         });
+        self.prefetch.start(&id, &rec.lower, &img, &self.core);
         self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (rec, img));
         Ok(out)
     }
@@ -203,6 +211,7 @@ impl Mounts {
             .get(&id)
             .cloned()
             .with_context(|| format!("{}: no wisp image is mounted there", dir.display()))?;
+        self.prefetch.stop(&id);
         if !rec.lower_only {
             crate::mount::umount(&rec.dir)?;
         }
@@ -257,6 +266,14 @@ impl Mounts {
             }
         }
         left
+    }
+
+    /// `wisp stats --accessed DIR`: the files the mount at `dir` had filled, in order.
+    pub fn accessed(&self, dir: &Path) -> Result<Vec<u8>> {
+        let id = mount_id(dir);
+        let img = self.live.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|(_, i)| Arc::clone(i));
+        let img = img.with_context(|| format!("{}: no wisp image is mounted there", dir.display()))?;
+        super::prefetch::accessed(&self.core, &id, &img)
     }
 
     /// The mounts, for `status`.

@@ -8,6 +8,7 @@
 //!  "work":null,"plain_http":true,"store":null,"index":"/unpacked/wisp","lower_only":true}
 //! {"op":"umount","dir":"/mnt/a"}
 //! {"op":"stats"}
+//! {"op":"accessed","dir":"/mnt/a"}    -> {"list":"/usr/bin/python3.11\n..."} (first-fill order)
 //! {"op":"status"}                      -> worker pid, frontend, mounts
 //! {"op":"shutdown"}                    -> unmount everything (sent by the supervisor)
 //! response: {"ok":true,"result":{...}} | {"ok":false,"error":"..."}
@@ -26,8 +27,14 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Request {
     Mount(MountRequest),
-    Umount { dir: PathBuf },
+    Umount {
+        dir: PathBuf,
+    },
     Stats,
+    /// The files a mount had filled, in first-fill order (a prefetch list).
+    Accessed {
+        dir: PathBuf,
+    },
     Status,
     Shutdown,
 }

@@ -25,6 +25,12 @@ pub struct ImageStats {
     pub failures: u64,
     /// Fill request latencies, milliseconds.
     pub latency_ms: Vec<f64>,
+    /// Objects filled, in order (for `wisp stats --accessed`; capped like the latencies).
+    pub order: Vec<erofs::tree::Digest>,
+    /// Prefetch: listed objects not yet complete at mount, those the prefetch completed, finished.
+    pub prefetch_listed: u64,
+    pub prefetched: u64,
+    pub prefetch_done: bool,
 }
 
 /// What `wisp stats` shows for one image.
@@ -46,6 +52,12 @@ pub struct StatsReport {
     pub latency_ms_p90: f64,
     pub latency_ms_p99: f64,
     pub latency_ms_max: f64,
+    #[serde(default)]
+    pub prefetch_listed: u64,
+    #[serde(default)]
+    pub prefetched: u64,
+    #[serde(default)]
+    pub prefetch_done: bool,
 }
 
 impl ImageStats {
@@ -58,6 +70,12 @@ impl ImageStats {
             self.latency_ms.remove(0);
         }
         self.latency_ms.push(ms);
+    }
+
+    pub fn push_filled(&mut self, d: erofs::tree::Digest) {
+        if self.order.len() < MAX_SAMPLES {
+            self.order.push(d);
+        }
     }
 
     pub fn report(&self, image: &str) -> StatsReport {
@@ -80,6 +98,9 @@ impl ImageStats {
             latency_ms_p90: percentile(&l, 0.90),
             latency_ms_p99: percentile(&l, 0.99),
             latency_ms_max: l.last().copied().unwrap_or(0.0),
+            prefetch_listed: self.prefetch_listed,
+            prefetched: self.prefetched,
+            prefetch_done: self.prefetch_done,
         }
     }
 }

@@ -120,6 +120,9 @@ fn handle(
                 "frontend": {"kind": "fanotify", "events": s.events, "fills": s.fills, "failures": s.failures},
             })
         }
+        Request::Accessed { dir } => {
+            serde_json::json!({ "list": String::from_utf8_lossy(&mounts.accessed(dir)?) })
+        }
         Request::Status => serde_json::json!({
             "worker_pid": std::process::id(),
             "frontend": "fanotify",

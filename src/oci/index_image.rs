@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{BufReader, Read, Write};
 
 use anyhow::{bail, ensure, Context, Result};
-use erofs::tree::{Digest, Tree};
+use erofs::tree::{Digest, FileData, Kind, Tree};
 use erofs::writer::MemorySource;
 
 use super::objmap::{self, Compression, ObjectEntry};
@@ -28,6 +28,9 @@ use super::{Repo, SourceImage};
 pub const FORMAT_VERSION: &str = "1";
 pub const INDEX_PATH: &str = "wisp/index.erofs";
 pub const MAP_PATH: &str = "wisp/objects.map";
+/// Optional: the startup prefetch list, one absolute path of a regular file per line, in the order a
+/// container first read them (docs/convert.md). Readers that do not know it ignore it.
+pub const PREFETCH_PATH: &str = "wisp/prefetch.list";
 pub const ANN_FORMAT: &str = "org.wisp.format.version";
 pub const ANN_SOURCE: &str = "org.wisp.source.digest";
 pub const ANN_REFTYPE: &str = "org.wisp.reference.type";
@@ -118,6 +121,7 @@ pub fn build(
     source: &SourceImage,
     with_object_lists: bool,
     compression: LayerCompression,
+    prefetch: Option<&[u8]>,
 ) -> Result<Built> {
     let mut erofs_image = Vec::new();
     let stats = erofs::writer::write_image(
@@ -135,7 +139,11 @@ pub fn build(
         map.push(*e);
     }
     let map_bytes = objmap::encode(&map);
-    let tar = tar_of(&[(INDEX_PATH, &erofs_image), (MAP_PATH, &map_bytes)])?;
+    let mut members: Vec<(&str, &[u8])> = vec![(INDEX_PATH, &erofs_image), (MAP_PATH, &map_bytes)];
+    if let Some(list) = prefetch {
+        members.push((PREFETCH_PATH, list));
+    }
+    let tar = tar_of(&members)?;
     let diff_id = sha256_digest(&tar);
     let (layer, layer_mt) = compress_layer(&tar, compression)?;
     let layer_desc = desc(layer_mt, &layer);
@@ -256,6 +264,8 @@ pub struct Pulled {
     pub source_digest: Option<String>,
     pub erofs: Vec<u8>,
     pub objects: Vec<ObjectEntry>,
+    /// The startup prefetch list ([`PREFETCH_PATH`]), when the image has one.
+    pub prefetch: Option<Vec<u8>>,
 }
 
 /// Reads the index image a repository reference names (its image index, or the index image manifest
@@ -300,7 +310,7 @@ pub fn read(repo: &dyn Repo) -> Result<Pulled> {
         Box::new(r)
     };
     let mut ar = tar::Archive::new(tar_stream);
-    let (mut erofs_image, mut map) = (None, None);
+    let (mut erofs_image, mut map, mut prefetch) = (None, None, None);
     const MAX: u64 = 1 << 30;
     for e in ar.entries().with_context(|| format!("reading index layer {}", layer.digest))? {
         let mut e = e.with_context(|| format!("reading index layer {}", layer.digest))?;
@@ -311,6 +321,7 @@ pub fn read(repo: &dyn Repo) -> Result<Pulled> {
         match name.as_slice() {
             n if n == INDEX_PATH.as_bytes() => erofs_image = Some(buf),
             n if n == MAP_PATH.as_bytes() => map = Some(buf),
+            n if n == PREFETCH_PATH.as_bytes() => prefetch = Some(buf),
             _ => {}
         }
     }
@@ -319,7 +330,13 @@ pub fn read(repo: &dyn Repo) -> Result<Pulled> {
     let erofs = erofs_image.with_context(|| format!("index layer {} has no {INDEX_PATH}", layer.digest))?;
     let map = map.with_context(|| format!("index layer {} has no {MAP_PATH}", layer.digest))?;
     let objects = objmap::decode(&map).with_context(|| format!("index layer {}", layer.digest))?;
-    Ok(Pulled { manifest_digest: digest, source_digest: manifest.annotations.get(ANN_SOURCE).cloned(), erofs, objects })
+    Ok(Pulled {
+        manifest_digest: digest,
+        source_digest: manifest.annotations.get(ANN_SOURCE).cloned(),
+        erofs,
+        objects,
+        prefetch,
+    })
 }
 
 /// Gives the children of the index image that `repo`'s reference names their keep-alive tags (after a
@@ -348,4 +365,51 @@ pub fn retag(repo: &dyn Repo) -> Result<Vec<String>> {
         written.push(t);
     }
     Ok(written)
+}
+
+/// Every regular file reachable in `tree` with its absolute path (`/usr/bin/python3`), depth-first in
+/// name order; a hard-linked file appears under each of its names.
+pub fn regular_files(tree: &Tree) -> Vec<(Vec<u8>, &FileData)> {
+    let mut out = Vec::new();
+    let mut stack: Vec<(Vec<u8>, usize)> = vec![(Vec::new(), 0)];
+    while let Some((path, id)) = stack.pop() {
+        match &tree.inodes[id].kind {
+            Kind::Directory(entries) => {
+                for (name, &child) in entries.iter().rev() {
+                    let mut p = path.clone();
+                    p.push(b'/');
+                    p.extend_from_slice(name);
+                    stack.push((p, child));
+                }
+            }
+            Kind::Regular(data) => out.push((path, data)),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Checks a prefetch list against the image `tree` and returns it normalized (one absolute path per
+/// line; blank lines and `#` comments dropped). A path that is not a regular file of the image is an
+/// error naming `name`, the line and the path.
+pub fn check_prefetch(tree: &Tree, text: &[u8], name: &str) -> Result<Vec<u8>> {
+    let files: std::collections::HashSet<Vec<u8>> = regular_files(tree).into_iter().map(|(p, _)| p).collect();
+    let mut out = Vec::new();
+    for (i, line) in text.split(|&b| b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() || line.starts_with(b"#") {
+            continue;
+        }
+        let mut path = Vec::with_capacity(line.len() + 1);
+        if !line.starts_with(b"/") {
+            path.push(b'/');
+        }
+        path.extend_from_slice(line);
+        if !files.contains(&path) {
+            bail!("{name}:{}: {}: not a regular file of the image", i + 1, String::from_utf8_lossy(line));
+        }
+        out.extend_from_slice(&path);
+        out.push(b'\n');
+    }
+    Ok(out)
 }

@@ -9,6 +9,9 @@ import statistics
 import sys
 
 
+SYSTEMS = ("baseline", "wisp", "wisp+prefetch")
+
+
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
@@ -92,13 +95,15 @@ def main():
         lim, limb = limit_s(sy.get("wisp", []), rate) if mode == "cold" else (None, None)
         bmed = med([r["exit_s"] for r in sy.get("baseline", [])])
         wmed = med([r["exit_s"] for r in sy.get("wisp", [])])
-        for sname in ("baseline", "wisp"):
+        for sname in SYSTEMS:
             rs = sy.get(sname, [])
             if not rs:
                 continue
-            ratio = "**%.1fx**" % (bmed / wmed) if sname == "wisp" and sy.get("baseline") else ""
-            lims = "%.2f" % lim if sname == "wisp" and lim else ""
-            wl_ratio = "%.2f" % (wmed / lim) if sname == "wisp" and lim else ""
+            smed = med([r["exit_s"] for r in rs])
+            lazy = sname.startswith("wisp")
+            ratio = "**%.1fx**" % (bmed / smed) if lazy and sy.get("baseline") else ""
+            lims = "%.2f" % lim if lazy and lim else ""
+            wl_ratio = "%.2f" % (smed / lim) if lazy and lim else ""
             p("| %g Mbit/s, %g ms | %s | %s | %s | %s | %d | %s | %s | %s | %s | %s | %s |" % (
                 rate, rtt, wl, image, mode, sname, len(rs), fmt_range([r["first_output_s"] for r in rs]),
                 fmt_range([r["exit_s"] for r in rs]), fmt_range([r["link_rx_bytes"] / 1e6 for r in rs]),
@@ -106,18 +111,19 @@ def main():
         summary.append((k, sy, lim))
     p("")
     p("## Where wisp's time goes (cold starts)\n")
-    p("| link | workload | mount (index pull + mount) s | objects fetched | stored MB fetched | content MB | "
-      "fill latency p50 / p90 / max ms |")
-    p("|---|---|--:|--:|--:|--:|--:|")
-    for k, sy, lim in summary:
+    p("| link | workload | system | mount (index pull + mount) s | objects fetched | prefetched | stored MB fetched "
+      "| content MB | fill latency p50 / p90 / max ms |")
+    p("|---|---|---|--:|--:|--:|--:|--:|--:|")
+    for (k, sy, lim), sname in [(x, n) for x in summary for n in SYSTEMS[1:]]:
         if k[3] != "cold":
             continue
-        rs = [r for r in sy.get("wisp", []) if r.get("wisp_stats")]
+        rs = [r for r in sy.get(sname, []) if r.get("wisp_stats")]
         if not rs:
             continue
         st = [r["wisp_stats"] for r in rs]
-        p("| %g Mbit/s, %g ms | %s | %.2f | %d | %.2f | %.2f | %.0f / %.0f / %.0f |" % (
-            k[0], k[1], k[2], med([r["phases_s"]["mount"] for r in rs]), med([s["objects_fetched"] for s in st]),
+        p("| %g Mbit/s, %g ms | %s | %s | %.2f | %d | %d | %.2f | %.2f | %.0f / %.0f / %.0f |" % (
+            k[0], k[1], k[2], sname, med([r["phases_s"]["mount"] for r in rs]),
+            med([s["objects_fetched"] for s in st]), med([s.get("prefetched", 0) for s in st]),
             med([s["bytes_fetched"] / 1e6 for s in st]), med([s["content_fetched"] / 1e6 for s in st]),
             med([s["latency_ms_p50"] for s in st]), med([s["latency_ms_p90"] for s in st]),
             med([s["latency_ms_max"] for s in st])))
@@ -146,20 +152,21 @@ def plot(summary, stem, meta):
     if not cold:
         return
     fig, ax = plt.subplots(figsize=(max(6, 1.9 * len(cold)), 4.5))
-    w = 0.38
-    colors = {"baseline": "#b0b0b0", "wisp": "#2a7ab9"}
+    names = [n for n in SYSTEMS if any(sy.get(n) for _, sy, _ in cold)]
+    w = 0.76 / len(names)
+    colors = {"baseline": "#b0b0b0", "wisp": "#2a7ab9", "wisp+prefetch": "#2ca02c"}
     for i, (k, sy, lim) in enumerate(cold):
-        for j, sname in enumerate(("baseline", "wisp")):
+        for j, sname in enumerate(names):
             xs = [r["exit_s"] for r in sy.get(sname, [])]
             if not xs:
                 continue
             m = med(xs)
-            x = i + (j - 0.5) * w
+            x = i + (j - (len(names) - 1) / 2) * w
             ax.bar(x, m, w, color=colors[sname], label=sname if i == 0 else None,
                    yerr=[[m - min(xs)], [max(xs) - m]], capsize=3)
             ax.text(x, m, "%.1f" % m, ha="center", va="bottom", fontsize=7)
         if lim:
-            ax.hlines(lim, i - w, i + w, colors="#d62728", linestyles="--",
+            ax.hlines(lim, i - 0.4, i + 0.4, colors="#d62728", linestyles="--",
                       label="physical limit (bytes read / rate)" if i == 0 else None)
     ax.set_xticks(range(len(cold)))
     ax.set_xticklabels(["%s\n%s %s\n%g Mbit/s %g ms" % (k[2], k[4], k[3], k[0], k[1]) for k, _, _ in cold], fontsize=7)

@@ -228,8 +228,9 @@ class Registry:
         self.logf = os.path.join(work, "registry-ns.log")
         self.proc = None
 
-    def fill(self, wisp, images):
-        """Push the corpus images and their wisp conversions into the storage (host-side registry)."""
+    def fill(self, wisp, images, prefetch=()):
+        """Push the corpus images and their wisp conversions into the storage (host-side registry).
+        For each (image, workload) in PREFETCH, also record a prefetch list and push IMAGE-prefetch."""
         sh(os.path.join(HERE, "registry"), "start", "--port", str(HOST_PORT), "--root", self.root)
         try:
             fams = sorted({i.split(":")[0] for i in images} - set(BENCH_IMAGES))
@@ -243,6 +244,8 @@ class Registry:
                 out = sh(wisp, "convert", "docker://127.0.0.1:%d/%s" % (HOST_PORT, i),
                          "docker://127.0.0.1:%d/wisp/%s" % (HOST_PORT, i), "--plain-http", "--json", capture=True)
                 conv[i] = json.loads(out)
+            for i, w in prefetch:
+                conv[i + PREFETCH_SUFFIX] = record_prefetch(wisp, i, w, self.root + "-profile")
             return conv
         finally:
             sh(os.path.join(HERE, "registry"), "stop", "--port", str(HOST_PORT), check=False)
@@ -413,6 +416,7 @@ class Baseline:
 class Wisp:
     """`wisp mount` through the daemon (index over the link, files on demand), then the workload."""
     name = "wisp"
+    suffix = ""
 
     def __init__(self, work, wisp, daemon_args=()):
         self.work = work
@@ -441,7 +445,7 @@ class Wisp:
     def start(self, image, workload, t0, pulled=False):
         mnt = os.path.join(self.dir, "mnt-" + image.replace(":", "-"))
         os.makedirs(mnt, exist_ok=True)
-        sh(self.wisp, "mount", "docker://%s/wisp/%s" % (REG, image), mnt, "--plain-http", "--state", self.state)
+        sh(self.wisp, "mount", "docker://%s/wisp/%s%s" % (REG, image, self.suffix), mnt, "--plain-http", "--state", self.state)
         phases = {"mount": time.monotonic() - t0}
         try:
             first, end = run_workload(mnt, workload, t0)
@@ -472,6 +476,51 @@ class Wisp:
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
+
+
+PREFETCH_SUFFIX = "-prefetch"
+
+
+def record_prefetch(wisp, image, workload, work):
+    """The profiling run of wisp+prefetch, unshaped, on the host against the host-side registry: a cold
+    mount of wisp/IMAGE, the workload, `wisp stats --accessed`, then `wisp convert --prefetch` of the
+    source image into wisp/IMAGE-prefetch (no object is uploaded again)."""
+    os.makedirs(work, exist_ok=True)
+    d = tempfile.mkdtemp(prefix="profile-", dir=work)
+    state, mnt = os.path.join(d, "state"), os.path.join(d, "mnt")
+    os.makedirs(mnt)
+    reg = "127.0.0.1:%d" % HOST_PORT
+    with open(os.path.join(d, "daemon.log"), "a") as dlog:
+        daemon = subprocess.Popen([wisp, "daemon", "--cache", os.path.join(d, "cache"), "--state", state],
+                                  stdout=dlog, stderr=dlog)
+    try:
+        for _ in range(200):
+            if os.path.exists(os.path.join(state, "control.sock")):
+                break
+            time.sleep(0.05)
+        sh(wisp, "mount", "docker://%s/wisp/%s" % (reg, image), mnt, "--plain-http", "--state", state)
+        try:
+            run_workload(mnt, workload, time.monotonic())
+            listed = sh(wisp, "stats", "--accessed", mnt, "--state", state, capture=True)
+        finally:
+            sh(wisp, "umount", mnt, "--state", state, check=False)
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+    path = os.path.join(d, "prefetch.list")
+    with open(path, "w") as f:
+        f.write(listed)
+    out = sh(wisp, "convert", "docker://%s/%s" % (reg, image), "docker://%s/wisp/%s%s" % (reg, image, PREFETCH_SUFFIX),
+             "--plain-http", "--json", "--prefetch", path, capture=True)
+    log("prefetch list of %s (%s): %d files" % (image, workload, len(listed.splitlines())))
+    return {"workload": workload, "files": len(listed.splitlines()), "convert": json.loads(out)}
+
+
+class WispPrefetch(Wisp):
+    """wisp with the startup prefetch list: mounts wisp/IMAGE-prefetch, whose list the profiling run
+    (record_prefetch) recorded; the daemon starts fetching the listed files as soon as it has mounted."""
+    name = "wisp+prefetch"
+    suffix = PREFETCH_SUFFIX
 
 
 def image_stats(st, image):
@@ -520,7 +569,8 @@ def main():
     ap.add_argument("--links", help="RATE_MBIT/RTT_MS,... (default 5/50,100/10; --quick: 5/50)")
     ap.add_argument("--workloads", help="comma-separated subset of: " + ", ".join(WORKLOADS))
     ap.add_argument("--no-warm", action="store_true", help="skip the warm and sibling starts")
-    ap.add_argument("--systems", default="baseline,wisp", help="comma-separated: baseline, wisp")
+    ap.add_argument("--systems", default="baseline,wisp,wisp+prefetch",
+                    help="comma-separated: baseline, wisp, wisp+prefetch")
     ap.add_argument("--daemon-arg", action="append", default=[], help="extra argument for wisp daemon (repeatable)")
     ap.add_argument("--registry-no-idle-restart", action="store_true",
                     help="experiment: net.ipv4.tcp_slow_start_after_idle=0 on the registry's side")
@@ -574,10 +624,14 @@ def main():
         images = sorted({WORKLOADS[w]["image"] + ":v1" for r, _ in links for w in workloads_at(r)}
                         | ({"python:v2"} if warm else set()))
         log("filling the registry storage: corpus images and their wisp conversions")
-        meta["convert"] = reg.fill(a.wisp, images)
+        names = a.systems.split(",")
+        # wisp+prefetch: the list of the python import, recorded once per run (unshaped)
+        pf = [("python:v1", "python-import")] if WispPrefetch.name in names else []
+        meta["convert"] = reg.fill(a.wisp, images, prefetch=pf)
         base, wsp = Baseline(work), Wisp(work, a.wisp, a.daemon_arg)
+        wpf = WispPrefetch(work, a.wisp, a.daemon_arg)
         meta["wisp_daemon_args"] = a.daemon_arg
-        systems = [s for s in (base, wsp) if s.name in a.systems.split(",")]
+        systems = [s for s in (base, wsp, wpf) if s.name in names]
         meta["registry_tcp_slow_start_after_idle"] = 0 if a.registry_no_idle_restart else 1
         for rate, rtt in links:
             if link.rtt_ms != rtt or link.rate_mbit is None:
@@ -594,6 +648,8 @@ def main():
                 image = WORKLOADS[w]["image"] + ":v1"
                 for run in range(a.runs):
                     for s in systems:
+                        if s.name == WispPrefetch.name and w != "python-import":
+                            continue   # the list is the import's
                         s.fresh()
                         try:
                             results.append(measure(s, image, w, link, "cold"))
@@ -610,7 +666,7 @@ def main():
                                                     os.path.join(s.dir, "state")], capture_output=True)
                             s.cleanup()
                             continue
-                        if warm and run == 0 and w == "python-import":
+                        if warm and run == 0 and w == "python-import" and s.name != WispPrefetch.name:
                             # warm: same node, image again (baseline: already unpacked; wisp: cache filled)
                             results.append(measure(s, image, w, link, "warm", t_pull_prev=True))
                             # sibling: python:v2 after v1

@@ -24,8 +24,8 @@ pub struct Args {
     /// Keep files of at most this many bytes inside the index instead of as objects.
     #[arg(long, value_name = "BYTES", default_value_t = crate::convert::DEFAULT_INLINE_MAX)]
     inline_max: u64,
-    /// zstd level for objects.
-    #[arg(long, default_value_t = 3)]
+    /// zstd level for objects (docs/convert.md: 2 costs 3.6 % more bytes than 3 for a quarter less CPU).
+    #[arg(long, default_value_t = 2)]
     zstd_level: i32,
     /// Store an object compressed only when that makes it at most this fraction of its size.
     #[arg(long, default_value_t = 0.95)]

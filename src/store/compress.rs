@@ -22,7 +22,7 @@ pub struct CompressOptions {
 
 impl Default for CompressOptions {
     fn default() -> Self {
-        CompressOptions { level: 3, max_ratio: 0.95 }
+        CompressOptions { level: 2, max_ratio: 0.95 }
     }
 }
 

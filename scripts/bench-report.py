@@ -42,7 +42,7 @@ def main():
     data = json.load(open(src))
     meta, results = data["meta"], data["results"]
     quick = meta.get("quick")
-    stem = "results-quick" if quick else "results"
+    stem = os.path.basename(src)[:-len(".json")] if src.endswith(".json") else ("results-quick" if quick else "results")
     failed = [r for r in results if r.get("error")]
     results = [r for r in results if not r.get("error")]
     g = groups(results)

@@ -26,7 +26,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-NS_NODE, NS_MID, NS_REG = "wisp-bench-node", "wisp-bench-mid", "wisp-bench-reg"
+# WISP_BENCH_NS: the namespaces' name prefix, so two runs on one machine do not collide (with
+# WISP_BENCH_PORT, whose +1 is the host-side registry that fills the storage)
+NS_PREFIX = os.environ.get("WISP_BENCH_NS", "wisp-bench")
+NS_NODE, NS_MID, NS_REG = NS_PREFIX + "-node", NS_PREFIX + "-mid", NS_PREFIX + "-reg"
 REG_IP, NODE_IP = "10.77.2.1", "10.77.1.2"
 PORT = int(os.environ.get("WISP_BENCH_PORT", "5120"))     # registry inside wisp-bench-reg
 HOST_PORT = PORT + 1                                        # host-side registry used to fill the storage

@@ -50,6 +50,33 @@ fn configure(fs: &OwnedFd, image: &Path, devices: &[PathBuf], direct_io: bool) -
     Ok(())
 }
 
+/// Mounts EROFS over fscache (cachefiles on-demand): the primary blob is the cache object `fsid`, its
+/// devices the objects named by the device-table tags, all in the fscache domain `domain_id` (so an
+/// object shared by several images is one cache file). Blocks until the daemon has answered the
+/// primary's OPEN and the superblock READs, so it must not run on the thread serving /dev/cachefiles.
+pub fn mount_erofs_fscache(fsid: &str, domain_id: &str, target: &Path) -> Result<()> {
+    let fs = fsopen("erofs", FsOpenFlags::FSOPEN_CLOEXEC)
+        .context("fsopen(erofs): is the erofs module available (CONFIG_EROFS_FS)?")?;
+    fsconfig_set_string(&fs, "source", "wisp").context("source")?;
+    fsconfig_set_string(&fs, "fsid", fsid).map_err(|e| {
+        anyhow::anyhow!(
+            "fsid={fsid}: {e}: the kernel's EROFS has no fscache mode (CONFIG_EROFS_FS_ONDEMAND is not set)"
+        )
+    })?;
+    fsconfig_set_string(&fs, "domain_id", domain_id).with_context(|| format!("domain_id={domain_id}"))?;
+    fsconfig_set_flag(&fs, "ro").context("ro")?;
+    fsconfig_create(&fs).with_context(|| {
+        format!(
+            "creating the EROFS superblock of fsid={fsid},domain_id={domain_id} (see dmesg for the kernel's reason)"
+        )
+    })?;
+    let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::MOUNT_ATTR_RDONLY)
+        .with_context(|| format!("fsmount of fsid={fsid}"))?;
+    move_mount(&mnt, "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+        .with_context(|| format!("move_mount to {}", target.display()))?;
+    Ok(())
+}
+
 /// Unmounts `target`.
 pub fn umount(target: &Path) -> Result<()> {
     unmount(target, UnmountFlags::empty()).with_context(|| format!("umount {}", target.display()))

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+use crate::daemon::protocol::FrontendKind;
 use crate::daemon::{self, Config};
 
 #[derive(Debug, clap::Args)]
@@ -27,6 +28,10 @@ pub struct Args {
     /// Seconds from a read to giving up on its object (the reader then gets EIO).
     #[arg(long, default_value_t = 30.0)]
     fetch_deadline: f64,
+    /// Kernel interface: auto picks fanotify pre-content events (6.14+) if the kernel has them, else
+    /// cachefiles on-demand (EROFS over fscache).
+    #[arg(long, value_enum, default_value_t = FrontendKind::Auto)]
+    frontend: FrontendKind,
     /// Run as the worker of a supervisor (internal).
     #[arg(long, hide = true)]
     worker: bool,
@@ -41,6 +46,7 @@ pub fn run(a: Args) -> Result<()> {
         fetch_concurrency: a.fetch_concurrency.max(1),
         fetch_attempts: a.fetch_attempts.max(1),
         fetch_deadline: Duration::from_secs_f64(a.fetch_deadline.max(0.1)),
+        frontend: a.frontend,
     };
     if a.worker {
         daemon::worker::run(&cfg)

@@ -5,9 +5,11 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use anyhow::Context as _;
 use erofs::tree::Digest;
 use fscache::backend::{Backend, Errno, FillSink, ObjectKey, Opened};
 
@@ -31,6 +33,9 @@ pub struct Handle {
     entry: ObjectEntry,
     stores: Vec<Arc<dyn ObjectStore>>,
     charge: String,
+    /// Set for the EROFS index of a mount (cachefiles: the primary blob named by its fsid), served
+    /// from the state directory.
+    primary: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Handle {
@@ -45,6 +50,11 @@ pub struct Core {
     fetcher: Fetcher,
     objects: Mutex<HashMap<Digest, Needed>>,
     stats: Mutex<HashMap<String, ImageStats>>,
+    /// The object files under CACHE/objects are the node cache (fanotify). False for cachefiles, whose
+    /// own cache files hold the objects: no second copy, no completeness record of ours.
+    node_files: bool,
+    /// cachefiles: primary blob names (fsids) -> (EROFS index file, size, mount charged).
+    primaries: Mutex<HashMap<String, (PathBuf, u64, String)>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -64,7 +74,45 @@ pub struct Registered {
 
 impl Core {
     pub fn new(cache: NodeCache, fetcher: Fetcher) -> Self {
-        Core { cache, fetcher, objects: Mutex::new(HashMap::new()), stats: Mutex::new(HashMap::new()) }
+        Core {
+            cache,
+            fetcher,
+            objects: Mutex::new(HashMap::new()),
+            stats: Mutex::new(HashMap::new()),
+            node_files: true,
+            primaries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A core for the cachefiles frontend: the kernel's cache files are the node cache, so no object
+    /// files are created under CACHE/objects and nothing is recorded there.
+    pub fn for_cachefiles(cache: NodeCache, fetcher: Fetcher) -> Self {
+        Core { node_files: false, ..Core::new(cache, fetcher) }
+    }
+
+    /// cachefiles: serves the EROFS index `path` as the primary blob named `fsid` (for mount `image`).
+    pub fn add_primary(&self, fsid: &str, path: &Path, image: &str) -> anyhow::Result<()> {
+        let size = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?.len();
+        let mut p = self.primaries.lock().unwrap_or_else(|p| p.into_inner());
+        p.insert(fsid.to_owned(), (path.to_owned(), size, image.to_owned()));
+        Ok(())
+    }
+
+    /// cachefiles: picks a free fsid for a new mount of image `id` (the id, then `id.1`, `id.2`, ...:
+    /// a domain refuses an fsid that is live) and serves `path` under it.
+    pub fn claim_primary(&self, id: &str, path: &Path, image: &str) -> anyhow::Result<String> {
+        let size = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?.len();
+        let mut p = self.primaries.lock().unwrap_or_else(|p| p.into_inner());
+        let fsid = (0..)
+            .map(|n| if n == 0 { id.to_owned() } else { format!("{id}.{n}") })
+            .find(|f| !p.contains_key(f))
+            .expect("an unbounded range has a free name");
+        p.insert(fsid.clone(), (path.to_owned(), size, image.to_owned()));
+        Ok(fsid)
+    }
+
+    pub fn remove_primary(&self, fsid: &str) {
+        self.primaries.lock().unwrap_or_else(|p| p.into_inner()).remove(fsid);
     }
 
     pub fn cache(&self) -> &NodeCache {
@@ -130,7 +178,7 @@ impl Core {
         entry: &ObjectEntry,
         store: &Arc<dyn ObjectStore>,
     ) -> anyhow::Result<Registered> {
-        let complete = self.cache.prepare(&entry.digest, entry.size)?;
+        let complete = if self.node_files { self.cache.prepare(&entry.digest, entry.size)? } else { false };
         let mut objects = self.objects();
         let n = objects.entry(entry.digest).or_insert_with(|| Needed {
             entry: *entry,
@@ -173,20 +221,38 @@ impl Backend for Core {
     type Object = Handle;
 
     fn open(&self, key: &ObjectKey<'_>) -> Result<Opened<Handle>, Errno> {
+        if let Some((path, size, image)) = self.primaries.lock().unwrap_or_else(|p| p.into_inner()).get(key.name) {
+            let entry = ObjectEntry {
+                digest: [0; 32],
+                blob: [0; 32],
+                size: *size,
+                stored_size: *size,
+                compression: crate::oci::objmap::Compression::None,
+            };
+            let h = Handle { entry, stores: Vec::new(), charge: image.clone(), primary: Some(path.clone()) };
+            return Ok(Opened { object: h, size: *size });
+        }
         let mut digest = [0u8; 32];
         hex::decode_to_slice(key.name, &mut digest).map_err(|_| Errno::ENOENT)?;
         let objects = self.objects();
         let n = objects.get(&digest).ok_or(Errno::ENOENT)?;
         let charge = n.images.first().cloned().unwrap_or_default();
-        Ok(Opened { object: Handle { entry: n.entry, stores: n.stores.clone(), charge }, size: n.entry.size })
+        let object = Handle { entry: n.entry, stores: n.stores.clone(), charge, primary: None };
+        Ok(Opened { object, size: n.entry.size })
     }
 
     fn fill(&self, h: &Handle, _range: Range<u64>, sink: &mut dyn FillSink) -> Result<(), Errno> {
+        if let Some(path) = &h.primary {
+            return fill_primary(path, sink);
+        }
         // Whole objects only: the verified unit is the object, and the frontend drops its mark after.
         let start = Instant::now();
         let (outcome, joined) = self.fetcher.get(&h.entry, &h.stores);
         let result = outcome.and_then(|content| {
             content.for_each_piece(&mut |off, bytes| sink.write_at(off, bytes))?;
+            if !self.node_files {
+                return Ok(());
+            }
             self.cache.mark_complete(&h.entry.digest).map_err(|e| {
                 tracing::error!(object = %hex::encode(h.entry.digest), error = %e, "recording a complete object");
                 Errno::EIO
@@ -210,4 +276,16 @@ impl Backend for Core {
         }
         result
     }
+}
+
+/// Writes the EROFS index file (pulled and verified into the state directory) through `sink`.
+fn fill_primary(path: &Path, sink: &mut dyn FillSink) -> Result<(), Errno> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        tracing::error!(path = %path.display(), error = %e, "reading the EROFS index");
+        Errno::EIO
+    })?;
+    for (i, c) in bytes.chunks(1 << 20).enumerate() {
+        sink.write_at((i << 20) as u64, c)?;
+    }
+    Ok(())
 }

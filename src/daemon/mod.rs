@@ -1,7 +1,9 @@
 //! `wisp daemon`: one process tree per node that mounts index images and fills their objects on
 //! demand (docs/daemon.md).
 //!
-//! * [`supervisor`]: holds the fanotify group and the control socket across worker restarts.
+//! * [`supervisor`]: holds the kernel session (fanotify group or /dev/cachefiles) and the control
+//!   socket across worker restarts.
+//! * [`cachefiles`]: the cachefiles on-demand frontend (EROFS over fscache, one shared domain).
 //! * [`worker`]: serves kernel events and control requests.
 //! * The core, which does not depend on the kernel interface: [`core`] (the `Backend` both frontends
 //!   serve), [`fetcher`] (single flight, bounded concurrency, retries, deadline), [`cache`] (sparse
@@ -11,6 +13,7 @@
 //! * [`mounts`]: EROFS file-backed + overlayfs mounts; [`protocol`]: the control socket.
 
 pub mod cache;
+pub mod cachefiles;
 pub mod core;
 pub mod fetcher;
 pub mod images;
@@ -37,6 +40,8 @@ pub struct Config {
     pub fetch_concurrency: usize,
     pub fetch_attempts: u32,
     pub fetch_deadline: Duration,
+    /// The kernel interface (auto: fanotify if the kernel has pre-content events, else cachefiles).
+    pub frontend: protocol::FrontendKind,
 }
 
 impl Config {
@@ -55,6 +60,8 @@ impl Config {
             self.fetch_attempts.to_string(),
             "--fetch-deadline".into(),
             self.fetch_deadline.as_secs_f64().to_string(),
+            "--frontend".into(),
+            self.frontend.name().into(),
         ]
     }
 

@@ -33,13 +33,17 @@ pub struct MountRecord {
     /// Only the EROFS index is mounted, at `dir` (= `lower`); no overlayfs.
     #[serde(default)]
     pub lower_only: bool,
+    /// cachefiles: the fsid of the mount's primary blob (absent for fanotify mounts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fsid: Option<String>,
 }
 
 /// The worker's mounts.
 pub struct Mounts {
     state: PathBuf,
     core: Arc<Core>,
-    frontend: Arc<Frontend<Core>>,
+    /// The fanotify frontend; None when the daemon serves cachefiles (super::cachefiles).
+    frontend: Option<Arc<Frontend<Core>>>,
     live: Mutex<HashMap<String, (MountRecord, Arc<Image>)>>,
     prefetch: super::prefetch::Prefetches,
 }
@@ -68,7 +72,7 @@ fn mounted() -> Result<Vec<PathBuf>> {
 }
 
 impl Mounts {
-    pub fn new(state: &Path, core: Arc<Core>, frontend: Arc<Frontend<Core>>) -> Self {
+    pub fn new(state: &Path, core: Arc<Core>, frontend: Option<Arc<Frontend<Core>>>) -> Self {
         Mounts {
             state: state.to_owned(),
             core,
@@ -80,6 +84,15 @@ impl Mounts {
 
     pub fn core(&self) -> &Core {
         &self.core
+    }
+
+    /// The kernel interface this daemon serves.
+    pub fn kind(&self) -> FrontendKind {
+        if self.frontend.is_some() {
+            FrontendKind::Fanotify
+        } else {
+            FrontendKind::Cachefiles
+        }
     }
 
     fn mounts_dir(&self) -> PathBuf {
@@ -100,14 +113,15 @@ impl Mounts {
         for (i, e) in img.devices.iter().enumerate() {
             let r = self.core.register(key, e, &img.store).inspect_err(|_| self.detach(key, &img.devices[..i]))?;
             hits += u64::from(r.complete);
+            let Some(frontend) = &self.frontend else { continue };
             if !r.first {
                 continue;
             }
             let path = self.core.cache().path(&e.digest);
             if r.complete {
                 // A mark a killed worker left on an object it had completed: drop it (no-op otherwise).
-                let _ = self.frontend.group().unmark(&path);
-            } else if let Err(err) = self.frontend.add(&path, &hex::encode(e.digest)) {
+                let _ = frontend.group().unmark(&path);
+            } else if let Err(err) = frontend.add(&path, &hex::encode(e.digest)) {
                 self.detach(key, &img.devices[..=i]);
                 return Err(err).context("marking an object file for pre-content events");
             }
@@ -119,8 +133,9 @@ impl Mounts {
     fn detach(&self, key: &str, devices: &[crate::oci::objmap::ObjectEntry]) {
         for e in devices {
             if self.core.release(key, &e.digest) {
+                let Some(frontend) = &self.frontend else { continue };
                 let path = self.core.cache().path(&e.digest);
-                if let Err(err) = self.frontend.remove(&path) {
+                if let Err(err) = frontend.remove(&path) {
                     tracing::warn!(error = %err, path = %path.display(), "unwatching an object file");
                 }
             }
@@ -130,8 +145,12 @@ impl Mounts {
 
     /// `wisp mount`.
     pub fn mount(&self, req: &MountRequest) -> Result<serde_json::Value> {
-        if req.frontend == FrontendKind::Cachefiles {
-            bail!("this daemon serves the fanotify frontend; the cachefiles frontend is not wired into the daemon yet");
+        if req.frontend != FrontendKind::Auto && req.frontend != self.kind() {
+            bail!(
+                "this daemon serves the {} frontend (chosen when it started; see `wisp daemon --frontend`), not {}",
+                self.kind().name(),
+                req.frontend.name()
+            );
         }
         if !req.dir.is_absolute() {
             bail!("{}: the mount point must be an absolute path", req.dir.display());
@@ -163,20 +182,34 @@ impl Mounts {
             work,
             own_upper: own,
             lower_only: req.lower_only,
+            fsid: None,
         };
         fs::create_dir_all(&mdir).with_context(|| format!("creating {}", mdir.display()))?;
         for d in [&rec.lower, &rec.upper, &rec.work, &rec.dir].into_iter().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
+        let mut rec = rec;
         self.attach(&id, &img)?;
+        if self.frontend.is_none() {
+            match self.core.claim_primary(&img.id, &img.erofs_path(), &id) {
+                Ok(fsid) => rec.fsid = Some(fsid),
+                Err(e) => {
+                    self.detach(&id, &img.devices);
+                    return Err(e);
+                }
+            }
+        }
         if let Err(e) = self.kernel_mount(&rec, &img) {
             self.detach(&id, &img.devices);
+            if let Some(f) = &rec.fsid {
+                self.core.remove_primary(f);
+            }
             return Err(e);
         }
         fs::write(mdir.join("record.json"), serde_json::to_vec_pretty(&rec)?)?;
         let out = serde_json::json!({
             "id": id, "image": img.id, "dir": rec.dir, "upper": rec.upper, "objects": img.devices.len(),
-            "content_bytes": img.content_bytes(), "stored_bytes": img.stored_bytes(), "frontend": "fanotify",
+            "content_bytes": img.content_bytes(), "stored_bytes": img.stored_bytes(), "frontend": self.kind().name(), "fsid": rec.fsid,
         });
         self.prefetch.start(&id, &rec.lower, &img, &self.core);
         self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (rec, img));
@@ -184,8 +217,12 @@ impl Mounts {
     }
 
     fn kernel_mount(&self, rec: &MountRecord, img: &Image) -> Result<()> {
-        let devices: Vec<PathBuf> = img.devices.iter().map(|e| self.core.cache().path(&e.digest)).collect();
-        crate::mount::mount_erofs_file(&img.erofs_path(), &rec.lower, &devices, true)?;
+        if let Some(fsid) = &rec.fsid {
+            crate::mount::mount_erofs_fscache(fsid, super::cachefiles::DOMAIN, &rec.lower)?;
+        } else {
+            let devices: Vec<PathBuf> = img.devices.iter().map(|e| self.core.cache().path(&e.digest)).collect();
+            crate::mount::mount_erofs_file(&img.erofs_path(), &rec.lower, &devices, true)?;
+        }
         if rec.lower_only {
             return Ok(());
         }
@@ -217,6 +254,9 @@ impl Mounts {
         }
         crate::mount::umount(&rec.lower)?;
         self.detach(&id, &img.devices);
+        if let Some(f) = &rec.fsid {
+            self.core.remove_primary(f);
+        }
         self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         let mdir = self.mounts_dir().join(&id);
         if rec.own_upper {
@@ -248,6 +288,9 @@ impl Mounts {
             }
             let img = Arc::new(images::load(&self.state, &rec.image)?);
             self.attach(&rec.id, &img)?;
+            if let Some(f) = &rec.fsid {
+                self.core.add_primary(f, &img.erofs_path(), &rec.id)?;
+            }
             self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(rec.id.clone(), (rec, img));
             n += 1;
         }

@@ -52,6 +52,16 @@ pub enum FrontendKind {
     Cachefiles,
 }
 
+impl FrontendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FrontendKind::Auto => "auto",
+            FrontendKind::Fanotify => "fanotify",
+            FrontendKind::Cachefiles => "cachefiles",
+        }
+    }
+}
+
 /// `wisp mount`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MountRequest {

@@ -5,6 +5,10 @@
 //! (SCM_RIGHTS on the worker's stdin). A worker that dies is replaced; the new one answers the
 //! events its predecessor had read (see `fscache::fanotify::journal`).
 //!
+//! With the cachefiles frontend it holds the bound `/dev/cachefiles` session instead of the group
+//! (closing it would fail every outstanding request and leave the mounts broken, KERNEL.md A.6); a
+//! new worker sends `restore` (super::cachefiles).
+//!
 //! SIGTERM/SIGINT: the worker is asked to unmount every image; the supervisor exits only when none is
 //! left mounted (a mounted image without its group would read zeros), or on a second signal.
 
@@ -18,18 +22,17 @@ use fscache::fanotify::Group;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
+use super::protocol::FrontendKind;
 use super::protocol::{self, Request};
-use super::{worker::FDS_LABEL, Config};
+use super::worker::{FDS_LABEL, FDS_LABEL_CACHEFILES};
+use super::Config;
 
 pub fn run(cfg: &Config) -> Result<()> {
     for d in [&cfg.state, &cfg.cache] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let cache = super::cache::NodeCache::open(&cfg.cache)?;
-    let group = Group::new().context("the fanotify frontend needs fanotify pre-content events")?;
-    group
-        .probe(&cache.root().join("objects"))
-        .context("the fanotify frontend needs pre-content marks on the cache directory (and the cachefiles frontend is not wired into the daemon yet)")?;
+    let kernel = Kernel::open(cfg.frontend, &cache)?;
     let sock_path = protocol::socket_path(&cfg.state);
     if UnixStream::connect(&sock_path).is_ok() {
         anyhow::bail!("another wisp daemon answers on {}", sock_path.display());
@@ -47,8 +50,8 @@ pub fn run(cfg: &Config) -> Result<()> {
 
     let mut stopping = 0u32;
     let mut crashes: Vec<Instant> = Vec::new();
-    let mut child = spawn_worker(cfg, &group, &listener)?;
-    tracing::info!(pid = child.id(), socket = %sock_path.display(), "wisp daemon started");
+    let mut child = spawn_worker(cfg, &kernel, &listener)?;
+    tracing::info!(pid = child.id(), socket = %sock_path.display(), frontend = kernel.name(), "wisp daemon started");
     loop {
         let Some(sig) = sfd.read_signal().context("reading signals")? else { continue };
         match Signal::try_from(sig.ssi_signo as i32) {
@@ -57,13 +60,13 @@ pub fn run(cfg: &Config) -> Result<()> {
                 if stopping > 0 {
                     return Ok(());
                 }
-                tracing::error!(%status, "worker died; starting a new one with the same fanotify group");
+                tracing::error!(%status, frontend = kernel.name(), "worker died; starting a new one with the same kernel session");
                 crashes.retain(|t| t.elapsed() < Duration::from_secs(10));
                 crashes.push(Instant::now());
                 if crashes.len() > 5 {
                     std::thread::sleep(Duration::from_secs(1)); // a crash loop: do not spin
                 }
-                child = spawn_worker(cfg, &group, &listener)?;
+                child = spawn_worker(cfg, &kernel, &listener)?;
             }
             Ok(Signal::SIGTERM | Signal::SIGINT) => {
                 stopping += 1;
@@ -92,13 +95,56 @@ fn shutdown_worker(sock: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
 }
 
-fn spawn_worker(cfg: &Config, group: &Group, listener: &UnixListener) -> Result<Child> {
+/// The kernel session the supervisor holds for its workers.
+enum Kernel {
+    Fanotify(Group),
+    Cachefiles(fscache::cachefiles::Device),
+}
+
+impl Kernel {
+    /// `--frontend auto`: fanotify when the kernel has pre-content events (6.14+), else cachefiles.
+    fn open(kind: FrontendKind, cache: &super::cache::NodeCache) -> Result<Kernel> {
+        let fanotify = || -> Result<Kernel> {
+            let group =
+                Group::new().context("the fanotify frontend needs fanotify pre-content events (Linux 6.14+)")?;
+            group
+                .probe(&cache.root().join("objects"))
+                .context("the fanotify frontend needs pre-content marks on the cache directory")?;
+            Ok(Kernel::Fanotify(group))
+        };
+        let cachefiles = || -> Result<Kernel> {
+            super::cachefiles::check_erofs_ondemand()?;
+            Ok(Kernel::Cachefiles(super::cachefiles::open_bound(cache.root())?))
+        };
+        match kind {
+            FrontendKind::Fanotify => fanotify(),
+            FrontendKind::Cachefiles => cachefiles(),
+            FrontendKind::Auto => fanotify().or_else(|fe| {
+                tracing::info!(reason = %format!("{fe:#}"), "fanotify frontend unavailable; trying cachefiles");
+                cachefiles()
+                    .map_err(|ce| anyhow::anyhow!("no usable kernel interface: fanotify: {fe:#}; cachefiles: {ce:#}"))
+            }),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Kernel::Fanotify(_) => "fanotify",
+            Kernel::Cachefiles(_) => "cachefiles",
+        }
+    }
+}
+
+fn spawn_worker(cfg: &Config, kernel: &Kernel, listener: &UnixListener) -> Result<Child> {
     let (ours, theirs) = UnixStream::pair().context("socketpair")?;
     let exe = std::env::current_exe().context("locating the wisp binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg("daemon").arg("--worker").args(cfg.to_args()).stdin(Stdio::from(OwnedFd::from(theirs)));
     let child = cmd.spawn().context("starting the worker")?;
-    fscache::fdpass::send_fds(&ours, FDS_LABEL, &[group.as_fd(), listener.as_fd()])
-        .context("handing the fds to the worker")?;
+    let (label, fd) = match kernel {
+        Kernel::Fanotify(g) => (FDS_LABEL, g.as_fd()),
+        Kernel::Cachefiles(d) => (FDS_LABEL_CACHEFILES, d.as_fd()),
+    };
+    fscache::fdpass::send_fds(&ours, label, &[fd, listener.as_fd()]).context("handing the fds to the worker")?;
     Ok(child)
 }

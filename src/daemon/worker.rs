@@ -18,8 +18,17 @@ use super::mounts::Mounts;
 use super::protocol::{Request, Response};
 use super::{cache::NodeCache, Config};
 
-/// Label of the fd message the supervisor sends.
+/// Label of the fd message the supervisor sends (fanotify group + control listener).
 pub const FDS_LABEL: &str = "wisp-daemon";
+/// The same with the /dev/cachefiles session instead of a fanotify group.
+pub const FDS_LABEL_CACHEFILES: &str = "wisp-daemon cachefiles";
+
+/// The kernel interface a worker serves, for the control requests.
+#[derive(Clone)]
+enum Active {
+    Fanotify(Arc<Frontend<Core>>, fscache::fanotify::Recovery),
+    Cachefiles,
+}
 
 pub fn run(cfg: &Config) -> Result<()> {
     // The supervisor blocks signals for its signalfd; the mask is inherited across exec.
@@ -29,8 +38,13 @@ pub fn run(cfg: &Config) -> Result<()> {
     drop(sock);
     let [group, listener]: [std::os::fd::OwnedFd; 2] =
         fds.try_into().map_err(|v: Vec<_>| anyhow::anyhow!("expected 2 fds from the supervisor, got {}", v.len()))?;
-    if label != FDS_LABEL {
-        bail!("unexpected fd message {label:?} from the supervisor");
+    match label.as_str() {
+        FDS_LABEL => {}
+        FDS_LABEL_CACHEFILES => {
+            let dev = fscache::cachefiles::Device::from_owned_fd(group);
+            return run_cachefiles(cfg, dev, UnixListener::from(listener));
+        }
+        _ => bail!("unexpected fd message {label:?} from the supervisor"),
     }
 
     // Before anything else is opened: no fd of this process may take the number of an event a dead
@@ -58,30 +72,48 @@ pub fn run(cfg: &Config) -> Result<()> {
     let core = Arc::new(Core::new(cache, fetcher));
     let frontend = Arc::new(Frontend::new(group, Arc::clone(&core), "wisp", cfg.fill_workers)?);
     frontend.set_journal(journal);
-    let mounts = Arc::new(Mounts::new(&cfg.state, Arc::clone(&core), Arc::clone(&frontend)));
+    let mounts = Arc::new(Mounts::new(&cfg.state, Arc::clone(&core), Some(Arc::clone(&frontend))));
     let restored = mounts.restore().context("restoring mounts")?;
     let rec = frontend.recover(&left);
     tracing::info!(restored, ?rec, pid = std::process::id(), "worker ready");
     std::fs::write(cfg.state.join("worker.pid"), format!("{}\n", std::process::id()))?;
 
-    let (m, f) = (Arc::clone(&mounts), Arc::clone(&frontend));
+    control_thread(listener, mounts, Active::Fanotify(Arc::clone(&frontend), rec))?;
+    frontend.run().context("serving fanotify events")?;
+    Ok(())
+}
+
+/// The cachefiles worker: registers the objects of the images still mounted, then `restore` and the
+/// io_uring loop on this thread (super::cachefiles).
+fn run_cachefiles(cfg: &Config, dev: fscache::cachefiles::Device, listener: UnixListener) -> Result<()> {
+    let nofile = super::cachefiles::raise_nofile_limit()?;
+    let cache = NodeCache::open(&cfg.cache)?;
+    let fetcher = Fetcher::new(cfg.fetch_options(&cache));
+    let core = Arc::new(Core::for_cachefiles(cache, fetcher));
+    let mounts = Arc::new(Mounts::new(&cfg.state, Arc::clone(&core), None));
+    let restored = mounts.restore().context("restoring mounts")?;
+    tracing::info!(restored, nofile, pid = std::process::id(), frontend = "cachefiles", "worker ready");
+    std::fs::write(cfg.state.join("worker.pid"), format!("{}\n", std::process::id()))?;
+    control_thread(listener, mounts, Active::Cachefiles)?;
+    super::cachefiles::serve(dev, core, cfg.fill_workers)
+}
+
+fn control_thread(listener: UnixListener, mounts: Arc<Mounts>, active: Active) -> Result<()> {
     std::thread::Builder::new().name("wisp-control".into()).spawn(move || {
         for conn in listener.incoming() {
             match conn {
                 Ok(c) => {
-                    let (m, f) = (Arc::clone(&m), Arc::clone(&f));
-                    let _ =
-                        std::thread::Builder::new().name("wisp-request".into()).spawn(move || serve(c, &m, &f, rec));
+                    let (m, a) = (Arc::clone(&mounts), active.clone());
+                    let _ = std::thread::Builder::new().name("wisp-request".into()).spawn(move || serve(c, &m, &a));
                 }
                 Err(e) => tracing::error!(error = %e, "accepting a control connection"),
             }
         }
     })?;
-    frontend.run().context("serving fanotify events")?;
     Ok(())
 }
 
-fn serve(conn: UnixStream, mounts: &Mounts, frontend: &Frontend<Core>, rec: fscache::fanotify::Recovery) {
+fn serve(conn: UnixStream, mounts: &Mounts, active: &Active) {
     let mut line = String::new();
     if BufReader::new(&conn).read_line(&mut line).is_err() {
         return;
@@ -89,7 +121,7 @@ fn serve(conn: UnixStream, mounts: &Mounts, frontend: &Frontend<Core>, rec: fsca
     let resp = match serde_json::from_str::<Request>(&line) {
         Err(e) => Response::err(&anyhow::anyhow!("bad request: {e}")),
         Ok(req) => {
-            let r = handle(&req, mounts, frontend, rec);
+            let r = handle(&req, mounts, active);
             if let Err(e) = &r {
                 tracing::warn!(request = ?req, error = %format!("{e:#}"), "request failed");
             }
@@ -104,32 +136,35 @@ fn serve(conn: UnixStream, mounts: &Mounts, frontend: &Frontend<Core>, rec: fsca
     let _ = (&conn).write_all(&out);
 }
 
-fn handle(
-    req: &Request,
-    mounts: &Mounts,
-    frontend: &Frontend<Core>,
-    rec: fscache::fanotify::Recovery,
-) -> Result<serde_json::Value> {
-    Ok(match req {
-        Request::Mount(m) => mounts.mount(m)?,
-        Request::Umount { dir } => mounts.umount(dir)?,
-        Request::Stats => {
+fn handle(req: &Request, mounts: &Mounts, active: &Active) -> Result<serde_json::Value> {
+    Ok(match (req, active) {
+        (Request::Mount(m), _) => mounts.mount(m)?,
+        (Request::Umount { dir }, _) => mounts.umount(dir)?,
+        (Request::Stats, Active::Cachefiles) => {
+            serde_json::json!({"images": mounts_stats(mounts), "frontend": {"kind": "cachefiles"}})
+        }
+        (Request::Stats, Active::Fanotify(frontend, _)) => {
             let s = frontend.stats();
             serde_json::json!({
                 "images": mounts_stats(mounts),
                 "frontend": {"kind": "fanotify", "events": s.events, "fills": s.fills, "failures": s.failures},
             })
         }
-        Request::Accessed { dir } => {
+        (Request::Accessed { dir }, _) => {
             serde_json::json!({ "list": String::from_utf8_lossy(&mounts.accessed(dir)?) })
         }
-        Request::Status => serde_json::json!({
+        (Request::Status, Active::Cachefiles) => serde_json::json!({
+            "worker_pid": std::process::id(),
+            "frontend": "cachefiles",
+            "mounts": mounts.list(),
+        }),
+        (Request::Status, Active::Fanotify(_, rec)) => serde_json::json!({
             "worker_pid": std::process::id(),
             "frontend": "fanotify",
             "mounts": mounts.list(),
             "recovered": {"resumed": rec.resumed, "allowed": rec.allowed, "denied_unrecorded": rec.denied_unrecorded},
         }),
-        Request::Shutdown => serde_json::json!({ "busy": mounts.shutdown() }),
+        (Request::Shutdown, _) => serde_json::json!({ "busy": mounts.shutdown() }),
     })
 }
 

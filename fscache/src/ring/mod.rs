@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::backend::{Backend, Errno, ObjectKey};
 use crate::cachefiles::{self, enobufs_backoff, Device, ObjectFd, OpenRequest, ReadRequest, Request};
-use crate::proto::{opcode, Command};
+use crate::proto::opcode;
 use crate::sys::aligned::BLOCK;
 use crate::sys::uring::{Done, FdHold, Op, Uring, WriteBuf};
 use crate::{pool::Pool, sys};
@@ -41,11 +41,15 @@ pub struct Config {
     pub workers: usize,
     /// Largest READ served; larger ones fail (EROFS asks for at most one chunk / readahead window).
     pub max_read_len: u64,
+    /// Answer a READ by writing the whole object (when it is at most `max_read_len`), so later reads of
+    /// it never reach the daemon: the backend verifies whole objects anyway, and the cache file then
+    /// holds all of it. Off: only the block-aligned window around the READ is written.
+    pub fill_whole: bool,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { entries: 256, workers: 16, max_read_len: 64 << 20 }
+        Config { entries: 256, workers: 16, max_read_len: 64 << 20, fill_whole: false }
     }
 }
 
@@ -116,7 +120,6 @@ enum Tag<O> {
     DevPoll,
     DevRead,
     Wake,
-    Copen { msg_id: u32, object_id: u32, ok: bool, _fd: Option<ObjectFd> },
     Fill { msg_id: u32, obj: Arc<Object<O>>, attempt: u32 },
     Backoff { msg_id: u32, obj: Arc<Object<O>>, attempt: u32, buf: WriteBuf, offset: u64, done: usize },
 }
@@ -191,11 +194,13 @@ impl<B: Backend> Server<B> {
     fn complete(&mut self, tag: Tag<B::Object>, done: Done) -> Result<(), RingError> {
         match (tag, done) {
             (Tag::DevPoll, Done::Poll { fd, result }) => {
+                tracing::trace!(?result, "device poll");
                 result.map_err(RingError::Device)?;
                 self.push(Tag::DevRead, Op::ReadMessage { fd });
             }
             (Tag::DevRead, Done::ReadMessage { fd, result }) => {
                 let (msg, anon) = result.map_err(RingError::Device)?;
+                tracing::trace!(len = msg.len(), "device read");
                 if msg.is_empty() {
                     self.push(Tag::DevPoll, Op::Poll { fd, events: libc::POLLIN as u32 });
                 } else {
@@ -208,14 +213,6 @@ impl<B: Backend> Server<B> {
                     tracing::error!(error = %e, "reading the wake eventfd");
                 }
                 self.push(Tag::Wake, Op::ReadCounter { fd });
-            }
-            (Tag::Copen { msg_id, object_id, ok, .. }, Done::Write { result, .. }) => {
-                if let Err(e) = result {
-                    tracing::error!(msg_id, object_id, error = %e, "copen rejected by the kernel");
-                    if ok {
-                        self.objects.remove(&object_id);
-                    }
-                }
             }
             (Tag::Fill { msg_id, obj, attempt }, Done::Write { buf, offset, done, result, .. }) => {
                 self.on_fill_written(msg_id, obj, attempt, buf, offset.unwrap_or(0), done, result)
@@ -230,6 +227,7 @@ impl<B: Backend> Server<B> {
     }
 
     fn on_message(&mut self, msg: &[u8], anon: Option<std::io::Result<OwnedFd>>) {
+        tracing::trace!(len = msg.len(), fd = anon.is_some(), "cachefiles message");
         match cachefiles::request_from_bytes(msg, anon) {
             Ok(Request::Open(open)) => self.on_open(open),
             Ok(Request::Read(read)) => self.on_read(read),
@@ -275,8 +273,12 @@ impl<B: Backend> Server<B> {
             tracing::error!(msg_id, object_id, "READ for an unknown object");
             return;
         };
-        let start = off / BLOCK as u64 * BLOCK as u64;
-        let end = off.saturating_add(len).div_ceil(BLOCK as u64).saturating_mul(BLOCK as u64);
+        let mut start = off / BLOCK as u64 * BLOCK as u64;
+        let mut end = off.saturating_add(len).div_ceil(BLOCK as u64).saturating_mul(BLOCK as u64);
+        let whole = obj.size.div_ceil(BLOCK as u64).saturating_mul(BLOCK as u64);
+        if self.config.fill_whole && whole <= self.config.max_read_len && end <= whole {
+            (start, end) = (0, whole);
+        }
         if end - start > self.config.max_read_len {
             tracing::error!(msg_id, object_id, off, len, "READ larger than max_read_len; failing it");
             complete_read(&obj, msg_id);
@@ -292,6 +294,7 @@ impl<B: Backend> Server<B> {
     }
 
     fn on_posted(&mut self, p: Posted<B::Object>) {
+        tracing::trace!("posted result");
         match p {
             Posted::Opened { msg_id, object_id, fd, result: Ok(opened) } => {
                 let size = opened.size;
@@ -322,15 +325,17 @@ impl<B: Backend> Server<B> {
     }
 
     fn copen(&mut self, msg_id: u32, object_id: u32, result: Result<u64, Errno>, fd: Option<ObjectFd>) {
+        // A plain write(2), not an io_uring op: the devnode has no FMODE_NOWAIT, so io_uring would arm a
+        // POLLOUT poll for the write, and /dev/cachefiles reports POLLOUT only in the cull state, so the
+        // copen would never be sent (seen on 6.1.192). The command is short and never blocks.
         let ok = result.is_ok();
-        let cmd = Command::Copen { msg_id, result: result.map_err(|e| e as i32) };
-        match cmd.encode() {
-            Ok(bytes) => {
-                let op = Op::Write { fd: self.dev.clone(), buf: WriteBuf::Plain(bytes), offset: None, done: 0 };
-                self.push(Tag::Copen { msg_id, object_id, ok, _fd: fd }, op);
+        if let Err(e) = self.dev.copen(msg_id, result.map_err(|e| e as i32)) {
+            tracing::error!(msg_id, object_id, error = %e, "copen rejected by the kernel");
+            if ok {
+                self.objects.remove(&object_id);
             }
-            Err(e) => tracing::error!(msg_id, error = %e, "cannot encode copen"),
         }
+        drop(fd); // a refused OPEN's anonymous fd is closed after its copen
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -15,11 +15,10 @@ use crate::sys::aligned::AlignedBuf;
 /// An fd kept alive by an in-flight operation.
 pub type FdHold = Arc<dyn AsFd + Send + Sync>;
 
-/// Bytes an in-flight write owns.
+/// Bytes an in-flight write owns. (Commands to the devnode are plain write(2) calls, not io_uring
+/// ops: see `Server::copen`.)
 #[derive(Debug)]
 pub enum WriteBuf {
-    /// An ordinary buffer (commands to the devnode).
-    Plain(Vec<u8>),
     /// A page-aligned buffer (direct-I/O object data).
     Aligned(AlignedBuf),
 }
@@ -28,7 +27,6 @@ impl WriteBuf {
     /// The bytes.
     pub fn bytes(&self) -> &[u8] {
         match self {
-            WriteBuf::Plain(v) => v,
             WriteBuf::Aligned(a) => a,
         }
     }
@@ -258,7 +256,6 @@ fn leak_buffers(held: Held) {
         Held::Poll(..) => {}
         Held::ReadMessage(_, buf) => drop(Box::leak(buf)),
         Held::ReadCounter(_, buf) => drop(Box::leak(buf)),
-        Held::Write(_, WriteBuf::Plain(v), ..) => drop(v.leak()),
         Held::Write(_, WriteBuf::Aligned(a), ..) => drop(Box::leak(Box::new(a))),
         Held::Sleep(ts) => drop(Box::leak(ts)),
     }

@@ -430,12 +430,13 @@ struct PythonFixture {
 }
 
 impl PythonFixture {
-    fn build() -> PythonFixture {
-        let dir = PathBuf::from(format!("/var/tmp/wisp-vm-cachefiles-{}", std::process::id()));
+    /// `port`: the host registry used while building (one per test: tests run in parallel);
+    /// `oracle`: also `wisp pull --eager` v1 into `oracle-v1`.
+    fn build(port: &str, oracle: bool) -> PythonFixture {
+        let dir = PathBuf::from(format!("/var/tmp/wisp-vm-cachefiles-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let root = common::repo_root();
-        let port = "5101";
         let registry =
             |args: &[&str]| common::run(Command::new(root.join("scripts/registry")).args(args).args(["--port", port]));
         let _ = Command::new(root.join("scripts/registry")).args(["stop", "--port", port]).status();
@@ -451,6 +452,14 @@ impl PythonFixture {
                     &format!("docker://127.0.0.1:{port}/wisp/python:{tag}"),
                     "--plain-http",
                 ]));
+            }
+            if oracle {
+                common::run(
+                    Command::new(common::wisp_bin())
+                        .args(["pull", "--eager", &format!("docker://127.0.0.1:{port}/wisp/python:v1")])
+                        .arg(dir.join("oracle-v1"))
+                        .arg("--plain-http"),
+                );
             }
         });
         registry(&["stop"]);
@@ -476,13 +485,14 @@ struct GuestDaemon {
 }
 
 impl GuestDaemon {
-    fn start(args: &[&str]) -> GuestDaemon {
+    fn start(args: &[&str], env: &[(&str, &str)]) -> GuestDaemon {
         let state = PathBuf::from("/scratch/state");
         let log = std::fs::File::create("/scratch/daemon.log").unwrap();
         let child = Command::new(common::wisp_bin())
             .args(["daemon", "--cache", "/scratch/cache", "--state", "/scratch/state"])
             .args(args)
             .env("WISP_LOG", "info")
+            .envs(env.iter().copied())
             .stderr(log)
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -572,14 +582,14 @@ fn chroot(dir: &Path, cmd: &str) -> String {
 /// writes land in the upper dir while the lower (EROFS over the cache) keeps the original bytes.
 #[test]
 fn daemon_cachefiles_python_lazy_start() {
-    let fixture = vm_tests_enabled().then(PythonFixture::build);
+    let fixture = vm_tests_enabled().then(|| PythonFixture::build("5101", false));
     let env: Vec<(&str, String)> = fixture.iter().map(|f| ("WISP_VM_FIXTURE", f.dir.display().to_string())).collect();
     if !in_vm_env(test_name!(), &env) {
         return;
     }
     let fx = PathBuf::from(std::env::var("WISP_VM_FIXTURE").expect("WISP_VM_FIXTURE from the host side"));
     let log = guest_registry(&fx);
-    let d = GuestDaemon::start(&["--frontend", "auto"]);
+    let d = GuestDaemon::start(&["--frontend", "auto"], &[]);
     let status = d.call(&wisp::daemon::protocol::Request::Status);
     assert_eq!(status["frontend"], "cachefiles", "auto must pick cachefiles on 6.1: {status}");
     let v1 = "docker://127.0.0.1:5000/wisp/python:v1";
@@ -628,6 +638,43 @@ fn daemon_cachefiles_python_lazy_start() {
     assert_eq!(std::fs::read(lower.join("app/main.py")).unwrap(), orig, "the write reached the lower layer");
     assert!(rec["fsid"].is_string(), "a cachefiles mount records its fsid: {rec}");
 
+    d.wisp(&["umount", mnt.to_str().unwrap()]);
+    drop(fixture);
+}
+
+/// kill -9 of the worker (the process that reads requests and fills data) while a cold walk has READs
+/// in flight: the supervisor still holds /dev/cachefiles, the new worker sends `restore`, and the walk
+/// completes with every byte equal to the eager pull; no read fails. Each fetch is delayed 300 ms
+/// (WISP_TEST_FETCH_DELAY_MS) so the kill lands while the walk is still fetching.
+#[test]
+fn daemon_cachefiles_worker_kill9_restore() {
+    let fixture = vm_tests_enabled().then(|| PythonFixture::build("5102", true));
+    let env: Vec<(&str, String)> = fixture.iter().map(|f| ("WISP_VM_FIXTURE", f.dir.display().to_string())).collect();
+    if !in_vm_env(test_name!(), &env) {
+        return;
+    }
+    let fx = PathBuf::from(std::env::var("WISP_VM_FIXTURE").expect("WISP_VM_FIXTURE from the host side"));
+    guest_registry(&fx);
+    let d = GuestDaemon::start(&["--frontend", "cachefiles"], &[("WISP_TEST_FETCH_DELAY_MS", "300")]);
+    let mnt = d.mount("docker://127.0.0.1:5000/wisp/python:v1", Path::new("/scratch/c1"));
+    let sub = "usr/lib/python3.11/email";
+    let (want, got) = (fx.join("oracle-v1").join(sub), mnt.join(sub));
+    let walk = std::thread::spawn(move || common::compare_trees(&want, &got, &common::CompareOptions::default()));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!walk.is_finished(), "the walk finished before the kill; the test would prove nothing");
+    let old: i32 = std::fs::read_to_string("/scratch/state/worker.pid").unwrap().trim().parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old), nix::sys::signal::Signal::SIGKILL).unwrap();
+    println!("killed worker {old} during the walk");
+    let diffs = walk.join().unwrap();
+    assert!(diffs.is_empty(), "{} differences, first: {:#?}", diffs.len(), &diffs[..diffs.len().min(10)]);
+    let status = d.call(&wisp::daemon::protocol::Request::Status);
+    assert_ne!(status["worker_pid"].as_i64(), Some(i64::from(old)), "a new worker answers: {status}");
+    assert!(daemon_log().contains("worker died"), "{}", daemon_log());
+    // Once filled, the cache files serve the tree without the daemon's help.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let diffs =
+        common::compare_trees(&fx.join("oracle-v1").join(sub), &mnt.join(sub), &common::CompareOptions::default());
+    assert!(diffs.is_empty(), "after drop_caches: {diffs:#?}");
     d.wisp(&["umount", mnt.to_str().unwrap()]);
     drop(fixture);
 }

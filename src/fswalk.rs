@@ -107,7 +107,8 @@ fn metadata_of(meta: &fs::Metadata) -> Metadata {
         uid: meta.uid(),
         gid: meta.gid(),
         mtime: meta.mtime(),
-        mtime_nsec: meta.mtime_nsec() as u32,
+        // st_mtime_nsec is always in 0..1e9.
+        mtime_nsec: u32::try_from(meta.mtime_nsec()).unwrap_or(0),
     }
 }
 
@@ -208,6 +209,9 @@ pub struct StoreStats {
     pub new_bytes: u64,
 }
 
+/// One stored file: its inode, content sha256, content size, and whether the store was missing it.
+type Ingested = (InodeId, [u8; 32], u64, bool);
+
 /// Copies every non-empty regular file of `walked` into `objects` (hashing as it copies, on all cores)
 /// and turns its data into `FileData::External`. Empty files stay inline: they need no object.
 pub fn store_external(
@@ -227,7 +231,7 @@ pub fn store_external(
         .collect();
     progress.set_length(jobs.len() as u64);
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<(InodeId, [u8; 32], u64, bool)>> = Mutex::new(Vec::with_capacity(jobs.len()));
+    let results: Mutex<Vec<Ingested>> = Mutex::new(Vec::with_capacity(jobs.len()));
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
     let sources = &walked.sources;
     std::thread::scope(|s| -> Result<()> {
@@ -237,7 +241,7 @@ pub fn store_external(
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(&(id, source)) = jobs.get(i) else { return Ok(()) };
-                        let path = &sources[source as usize];
+                        let path = &sources[usize::try_from(source).expect("source index fits usize")];
                         let (digest, size, new) = objects.ingest_file(path)?;
                         results.lock().expect("poisoned").push((id, digest, size, new));
                         progress.inc(1);
@@ -287,7 +291,13 @@ impl<'a> DirContent<'a> {
         }
         let (_, f) = self.open.as_ref().expect("just opened");
         f.read_exact_at(buf, offset).map_err(|e| {
-            io::Error::new(e.kind(), format!("{} at offset {offset}: {e}", self.sources[source as usize].display()))
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "{} at offset {offset}: {e}",
+                    self.sources[usize::try_from(source).expect("source index fits usize")].display()
+                ),
+            )
         })
     }
 }

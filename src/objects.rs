@@ -13,6 +13,7 @@ use sha2::{Digest as _, Sha256};
 
 /// Block size that every object file is padded to.
 pub const BLOCK: u64 = 4096;
+const BLOCK_BYTES: usize = 4096;
 
 /// `size` rounded up to a whole number of blocks.
 pub fn padded_len(size: u64) -> u64 {
@@ -87,7 +88,7 @@ struct SparseWriter<'a> {
 impl Write for SparseWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         use std::os::unix::fs::FileExt;
-        for block in buf.chunks(BLOCK as usize) {
+        for block in buf.chunks(BLOCK_BYTES) {
             if block.iter().any(|&b| b != 0) {
                 self.file.write_all_at(block, self.pos)?;
             }

@@ -46,9 +46,12 @@ pub enum Content {
     Spooled { file: File, len: u64 },
 }
 
+/// A consumer of content pieces: (offset, bytes).
+pub type PieceFn<'a> = dyn FnMut(u64, &[u8]) -> Result<(), Errno> + 'a;
+
 impl Content {
     /// Calls `f` with consecutive pieces (offset, bytes) of at most 1 MiB.
-    pub fn for_each_piece(&self, f: &mut dyn FnMut(u64, &[u8]) -> Result<(), Errno>) -> Result<(), Errno> {
+    pub fn for_each_piece(&self, f: &mut PieceFn<'_>) -> Result<(), Errno> {
         const PIECE: usize = 1 << 20;
         match self {
             Content::Memory(v) => {

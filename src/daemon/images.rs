@@ -66,7 +66,10 @@ fn images_dir(state: &Path) -> PathBuf {
     state.join("images")
 }
 
-fn open_store(spec: &ImageSpec) -> Result<(ImageRef, Arc<dyn oci::Repo>, Arc<dyn ObjectStore>)> {
+/// An image's reference, its repository, and the store its objects come from.
+type Opened = (ImageRef, Arc<dyn oci::Repo>, Arc<dyn ObjectStore>);
+
+fn open_store(spec: &ImageSpec) -> Result<Opened> {
     let r: ImageRef = spec.reference.parse()?;
     let topts = TransportOptions { plain_http: spec.plain_http };
     let repo: Arc<dyn oci::Repo> = Arc::from(oci::open(&r, &topts, false).with_context(|| format!("opening {r}"))?);

@@ -1,7 +1,7 @@
 //! Mounting images lazily: the EROFS index file-backed with one `device=` per object file of the node
 //! cache (new mount API, [`crate::mount::mount_erofs_file`]), overlayfs on top with an upper and a work
 //! directory. Each mount is recorded in `STATE/mounts/<id>/record.json` (with `lower/`, and `upper/`
-//! + `work/` when the client gave none), so a restarted worker finds the mounts the kernel still has
+//! and `work/` when the client gave none), so a restarted worker finds the mounts the kernel still has
 //! and watches their objects again.
 
 use std::collections::HashMap;

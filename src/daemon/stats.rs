@@ -110,6 +110,8 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
+    // A rank in 1..=len: the float-to-int cast saturates, and min() bounds it.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let rank = (p * sorted.len() as f64).ceil().max(1.0) as usize;
     sorted[rank.min(sorted.len()) - 1]
 }

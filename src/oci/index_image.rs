@@ -346,7 +346,7 @@ pub fn retag(repo: &dyn Repo) -> Result<Vec<String>> {
     let Fetched::Index(index) = parse_manifest(&top.bytes).context("parsing the manifest")? else {
         bail!("{}: not an image index; nothing to keep alive", repo.describe());
     };
-    if index.annotations.get(ANN_FORMAT).is_none() {
+    if !index.annotations.contains_key(ANN_FORMAT) {
         bail!("{}: not a wisp index image (no {ANN_FORMAT} annotation)", repo.describe());
     }
     let tag = repo.tag();

@@ -19,7 +19,7 @@ pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            (x >> 24) as u8
+            (x >> 24).to_le_bytes()[0]
         })
         .collect()
 }
@@ -79,7 +79,7 @@ pub fn make_edge_tree(root: &Path) {
     for n in [3000usize, 3900, 4000] {
         let f = p(&format!("sizes/x{n}"));
         write(&f, &pseudo_random(n as u64 * 7, n));
-        xattr(&f, "user.pad", &vec![b'x'; 60]);
+        xattr(&f, "user.pad", &[b'x'; 60]);
     }
     // Same content in several files (dedup of objects in --external mode).
     fs::create_dir(p("dups")).unwrap();

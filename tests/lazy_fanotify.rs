@@ -214,6 +214,12 @@ fn blobs_served(log: &Path, offset: u64) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// `GET /v2/` auth probes the registry answered since byte `offset` of its log.
+fn auth_probes(log: &Path, offset: u64) -> usize {
+    let bytes = fs::read(log).unwrap();
+    String::from_utf8_lossy(&bytes[offset as usize..]).lines().filter(|l| l.contains("\"GET /v2/ HTTP/")).count()
+}
+
 fn log_len(log: &Path) -> u64 {
     fs::metadata(log).unwrap().len()
 }
@@ -294,6 +300,10 @@ fn lazy_python_start_sibling_and_full_tree() {
     );
     assert!(wire * 4 <= stored, "startup fetched {wire} bytes, more than 25% of {stored}");
     assert!(img["objects_fetched"].as_u64().unwrap() > 0);
+    // One round trip per object: the open registry is probed for auth a few times in all (index pull,
+    // first object), not before every object.
+    let probes = auth_probes(&fx.log, off);
+    assert!(served.len() > 20 && probes <= 5, "{probes} auth probes for {} blobs", served.len());
 
     // The app's own files are right.
     assert_eq!(

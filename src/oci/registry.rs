@@ -6,12 +6,13 @@
 
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::{Client, Reference, RegistryOperation};
 
 use super::types::{sha256_digest, ACCEPTED_MANIFESTS};
 use super::verify::VerifyingReader;
@@ -20,6 +21,12 @@ use super::{RawManifest, Repo, TransportOptions};
 pub struct Registry {
     rt: tokio::runtime::Runtime,
     client: Client,
+    /// A client with no stored credentials, for blob reads from a registry that needs none. oci-client
+    /// probes `GET /v2/` before every request of a registry whose stored credentials gave it no token,
+    /// which is what an open registry does: one extra round trip per object fetched.
+    open_client: Client,
+    /// Whether the registry answered the auth probe without asking for credentials (set once known).
+    open: OnceLock<bool>,
     reference: Reference,
     auth: RegistryAuth,
 }
@@ -39,14 +46,15 @@ impl Registry {
             .enable_all()
             .build()
             .context("starting the registry runtime")?;
-        let config = ClientConfig {
+        let config = || ClientConfig {
             protocol: if opts.plain_http { ClientProtocol::Http } else { ClientProtocol::Https },
             use_monolithic_push: true,
             ..Default::default()
         };
-        let client = Client::new(config);
+        let client = Client::new(config());
+        let open_client = Client::new(config());
         let auth = docker_auth(reference.resolve_registry()).unwrap_or(RegistryAuth::Anonymous);
-        Ok(Registry { rt, client, reference, auth })
+        Ok(Registry { rt, client, open_client, open: OnceLock::new(), reference, auth })
     }
 
     fn by_digest(&self, digest: &str) -> Reference {
@@ -59,6 +67,29 @@ impl Registry {
 
     fn ensure_auth(&self) {
         self.rt.block_on(self.client.store_auth_if_needed(self.reference.resolve_registry(), &self.auth));
+    }
+
+    /// The client for blob reads: `open_client` once the registry is known to need no credentials
+    /// (one auth probe per `Registry`), otherwise the authenticated client, whose tokens are cached.
+    fn reader(&self) -> &Client {
+        let open = match self.open.get() {
+            Some(&open) => open,
+            None => {
+                self.ensure_auth();
+                let probe = self.client.auth(&self.reference, &self.auth, RegistryOperation::Pull);
+                match self.rt.block_on(probe) {
+                    // No token and no credentials: the registry let us in as we are.
+                    Ok(token) => *self.open.get_or_init(|| token.is_none() && self.auth == RegistryAuth::Anonymous),
+                    // Not known yet (registry down?): the request itself reports the error.
+                    Err(_) => false,
+                }
+            }
+        };
+        if open {
+            &self.open_client
+        } else {
+            &self.client
+        }
     }
 }
 
@@ -86,11 +117,10 @@ impl Repo for Registry {
     }
 
     fn open_blob(&self, digest: &str, size: Option<u64>) -> Result<Box<dyn Read + Send>> {
-        self.ensure_auth();
         let r = self.by_digest(digest);
         let mut stream = self
             .rt
-            .block_on(self.client.pull_blob_stream(&r, digest))
+            .block_on(self.reader().pull_blob_stream(&r, digest))
             .map_err(|e| anyhow!("{e}"))
             .with_context(|| format!("blob {digest} from {}", self.describe()))?;
         let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<bytes::Bytes>>(16);
@@ -107,9 +137,8 @@ impl Repo for Registry {
     }
 
     fn has_blob(&self, digest: &str) -> Result<bool> {
-        self.ensure_auth();
         self.rt
-            .block_on(self.client.blob_exists(&self.by_digest(digest), digest))
+            .block_on(self.reader().blob_exists(&self.by_digest(digest), digest))
             .map_err(|e| anyhow!("{e}"))
             .with_context(|| format!("checking blob {digest} in {}", self.describe()))
     }

@@ -88,23 +88,29 @@ impl Reservation {
     pub fn claim(ceiling: Option<i32>) -> io::Result<Reservation> {
         let mut r = Reservation { held: Vec::new(), strays: Vec::new() };
         let Some(ceiling) = ceiling else { return Ok(r) };
+        r.fill(ceiling)?;
+        // Every number up to the ceiling is taken now, so this listing's own fd is above it.
+        let listed: Vec<i32> =
+            std::fs::read_dir("/proc/self/fd")?.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+        let held: std::collections::HashSet<i32> = r.held.iter().map(AsRawFd::as_raw_fd).collect();
+        r.strays = listed.into_iter().filter(|n| (3..=ceiling).contains(n) && !held.contains(n)).collect();
+        // A number closed between the fill and the listing (another thread's) is free again: take it.
+        r.fill(ceiling)?;
+        let held: std::collections::HashSet<i32> = r.held.iter().map(AsRawFd::as_raw_fd).collect();
+        r.strays.retain(|n| !held.contains(n));
+        r.strays.sort_unstable();
+        Ok(r)
+    }
+
+    /// Holds every free number up to `ceiling`.
+    fn fill(&mut self, ceiling: i32) -> io::Result<()> {
         loop {
             let f = File::open("/dev/null")?;
             if f.as_raw_fd() > ceiling {
-                break;
+                return Ok(());
             }
-            r.held.push(f);
+            self.held.push(f);
         }
-        // Every number up to the ceiling is taken now, so this listing's own fd is above it.
-        let held: std::collections::HashSet<i32> = r.held.iter().map(AsRawFd::as_raw_fd).collect();
-        for e in std::fs::read_dir("/proc/self/fd")? {
-            let n: i32 = e?.file_name().to_str().and_then(|s| s.parse().ok()).unwrap_or(-1);
-            if (3..=ceiling).contains(&n) && !held.contains(&n) {
-                r.strays.push(n);
-            }
-        }
-        r.strays.sort_unstable();
-        Ok(r)
     }
 
     /// Numbers in the range that were open before the claim (and may be closed, then reused, later).

@@ -35,6 +35,9 @@ pub struct MountArgs {
     /// Kernel interface: auto picks what the kernel supports.
     #[arg(long, value_enum, default_value_t = FrontendKind::Auto)]
     frontend: FrontendKind,
+    /// Print the daemon's answer as JSON on stdout (image id, objects, frontend, direct_io, ...).
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     state: StateArg,
 }
@@ -85,6 +88,9 @@ pub fn mount(a: MountArgs) -> Result<()> {
         v["content_bytes"].as_f64().unwrap_or(0.0) / 1e6,
         v["frontend"].as_str().unwrap_or("?")
     );
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
     Ok(())
 }
 

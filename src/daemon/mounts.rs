@@ -101,6 +101,8 @@ impl Mounts {
 
     /// Watches the objects of `img` for the mount `key`: creates the sparse object files and marks the
     /// ones that are not complete (once per object, however many images share it).
+    /// Registers the image's objects with the core (and marks the incomplete ones for the fanotify
+    /// frontend).
     fn attach(&self, key: &str, img: &Image) -> Result<()> {
         self.core.add_image(
             key,
@@ -206,7 +208,7 @@ impl Mounts {
             }
             return Err(e);
         }
-        fs::write(mdir.join("record.json"), serde_json::to_vec_pretty(&rec)?)?;
+        crate::oci::layout::write_atomic(&mdir.join("record.json"), &serde_json::to_vec_pretty(&rec)?)?;
         let out = serde_json::json!({
             "id": id, "image": img.id, "dir": rec.dir, "upper": rec.upper, "objects": img.devices.len(),
             "content_bytes": img.content_bytes(), "stored_bytes": img.stored_bytes(), "frontend": self.kind().name(), "fsid": rec.fsid,
@@ -221,6 +223,10 @@ impl Mounts {
             crate::mount::mount_erofs_fscache(fsid, super::cachefiles::DOMAIN, &rec.lower)?;
         } else {
             let devices: Vec<PathBuf> = img.devices.iter().map(|e| self.core.cache().path(&e.digest)).collect();
+            // Always direct I/O, even when every object is already complete (no marks): measured with
+            // scripts/bench-warm, a buffered mount of complete objects read cold at 0.70x plain+overlay
+            // against 0.77x for direct I/O in the same run (each object is its own file, so buffered
+            // readahead cannot run past it, and pages are cached twice).
             crate::mount::mount_erofs_file(&img.erofs_path(), &rec.lower, &devices, true)?;
         }
         if rec.lower_only {

@@ -30,7 +30,7 @@ pub struct Args {
     /// Store an object compressed only when that makes it at most this fraction of its size.
     #[arg(long, default_value_t = 0.95)]
     max_ratio: f64,
-    /// Compression of the index layer: zstd or gzip.
+    /// Compression of the index layer: zstd (level 9), zstd:LEVEL or gzip (docs/convert.md).
     #[arg(long, default_value = "zstd")]
     index_compression: oci::index_image::LayerCompression,
     /// Fingerprinting threads (besides the one reading layers).

@@ -47,7 +47,7 @@ impl Default for ConvertOptions {
             inline_max: DEFAULT_INLINE_MAX,
             compress: CompressOptions::default(),
             workers: 2,
-            index_compression: index_image::LayerCompression::Zstd,
+            index_compression: index_image::LayerCompression::Zstd(index_image::INDEX_ZSTD_LEVEL),
             upload_jobs: 8,
             progress: false,
             prefetch: None,
@@ -86,7 +86,11 @@ pub struct ConvertSummary {
     pub object_lists: usize,
     pub merge_seconds: f64,
     pub store_seconds: f64,
-    /// Writing the EROFS index, compressing the index layer and writing the index image.
+    /// Building the EROFS index and the object map and compressing the index layer; this runs
+    /// while the objects are stored (part of `store_seconds` when storing takes longer).
+    pub index_build_seconds: f64,
+    /// After the objects are stored: waiting for the index build to end, then writing the index
+    /// image.
     pub index_seconds: f64,
     pub total_seconds: f64,
 }
@@ -199,27 +203,41 @@ pub fn convert(
             sum.objects_compressed += 1;
         }
     }
-    let (written, written_bytes) = store_objects(&*store, &todo, opts)?;
+    // The index image is built (EROFS, object map, compression) while the objects are stored: it
+    // needs only their entries. It is pushed after them.
+    let (stored, built, index_start) = std::thread::scope(|s| {
+        let index = s.spawn(|| {
+            let t = Instant::now();
+            let built = index_image::build(
+                &tree,
+                &pass.inline,
+                &entries,
+                &source,
+                store_is_dst,
+                opts.index_compression,
+                prefetch.as_deref(),
+            );
+            (built, t.elapsed().as_secs_f64())
+        });
+        let stored = store_objects(&*store, &todo, opts);
+        sum.store_seconds = store_start.elapsed().as_secs_f64();
+        let after_store = Instant::now();
+        (stored, index.join(), after_store)
+    });
+    let (written, written_bytes) = stored?;
     sum.objects_written = written;
     sum.objects_written_bytes = written_bytes;
-    sum.store_seconds = store_start.elapsed().as_secs_f64();
-
-    // The index image.
-    let index_start = Instant::now();
-    let built = index_image::build(
-        &tree,
-        &pass.inline,
-        &entries,
-        &source,
-        store_is_dst,
-        opts.index_compression,
-        prefetch.as_deref(),
-    )?;
+    let (built, build_seconds) = match built {
+        Ok(b) => b,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
+    let built = built?;
     sum.index_erofs_bytes = built.erofs_bytes;
     sum.index_map_bytes = built.map_bytes;
     sum.index_layer_bytes = built.layer.len() as u64;
     sum.object_lists = built.object_lists.len();
     sum.index_digest = index_image::push(dst, &built)?;
+    sum.index_build_seconds = build_seconds;
     sum.index_seconds = index_start.elapsed().as_secs_f64();
     sum.total_seconds = start.elapsed().as_secs_f64();
     drop(staging);

@@ -1,7 +1,8 @@
 //! Fingerprinting workers: the layer-reading thread streams each file's bytes, in bounded chunks, to
-//! whichever worker is free; the worker hashes them (sha256), keeps small files in memory and spills
-//! larger ones to a staging file, and once the digest is known turns each distinct new object into
-//! its stored form (zstd where it pays). Every byte of content is read from the layer exactly once.
+//! whichever worker is free; the worker hashes them (sha256), keeps small files in memory and
+//! compresses larger ones as they arrive into a staging file, and once the digest is known turns
+//! each distinct new object into its stored form (zstd where it pays). Every byte of content is read
+//! from the layer exactly once, and a large file's raw bytes are never written to disk.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -16,9 +17,12 @@ use erofs::tree::Digest;
 use sha2::{Digest as _, Sha256};
 
 use crate::oci::objmap::ObjectEntry;
-use crate::store::compress::{finish_object, CompressOptions};
+use crate::store::compress::{finish_object, CompressOptions, ZstdSpill};
 use crate::store::ObjectStore;
 
+/// Files the reader may queue ahead of the workers (each holds at most SPILL bytes, or a few
+/// chunks, in memory), so that it rarely waits for a worker to pick one up.
+const JOB_QUEUE: usize = 8;
 /// Size of the chunks the reader sends.
 pub const CHUNK: usize = 256 << 10;
 /// Files up to this size are fingerprinted in memory; larger ones spill to a staging file.
@@ -69,7 +73,7 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     pub fn new(workers: usize, staging: &Path, store: Arc<dyn ObjectStore>, opts: CompressOptions) -> Self {
-        let (jobs_tx, jobs_rx) = mpsc::sync_channel::<FileJob>(1);
+        let (jobs_tx, jobs_rx) = mpsc::sync_channel::<FileJob>(JOB_QUEUE);
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
         let (res_tx, results) = mpsc::channel();
         let shared =
@@ -140,7 +144,10 @@ impl Pool {
 
 enum Body {
     Memory(Vec<u8>),
+    /// Raw bytes in a staging file (objects are not compressed).
     File(PathBuf, File),
+    /// Compressed as they arrive (see [`ZstdSpill`]).
+    Zstd(ZstdSpill),
 }
 
 fn run_job(
@@ -160,6 +167,12 @@ fn run_job(
             match &mut body {
                 Body::Memory(buf) if buf.is_empty() && chunk.len() <= SPILL => *buf = chunk,
                 Body::Memory(buf) if buf.len() + chunk.len() <= SPILL => buf.extend_from_slice(&chunk),
+                Body::Memory(buf) if shared.opts.max_ratio > 0.0 => {
+                    let mut z = ZstdSpill::create(&spill_path, job.size, &shared.opts)?;
+                    z.write_all(buf)?;
+                    z.write_all(&chunk)?;
+                    body = Body::Zstd(z);
+                }
                 Body::Memory(buf) => {
                     let mut f =
                         File::create(&spill_path).with_context(|| format!("creating {}", spill_path.display()))?;
@@ -168,6 +181,7 @@ fn run_job(
                     body = Body::File(spill_path.clone(), f);
                 }
                 Body::File(_, f) => f.write_all(&chunk).context("writing a staging file")?,
+                Body::Zstd(z) => z.write_all(&chunk)?,
             }
         }
         if count != job.size {
@@ -217,6 +231,10 @@ fn stage(
         return Ok(Staged { entry, path: Some(path) });
     }
     match body {
+        Body::Zstd(z) => {
+            let (entry, path) = z.finish(digest, size, &raw, &shared.opts)?;
+            return Ok(Staged { entry, path: Some(path) });
+        }
         Body::Memory(buf) => {
             let mut f = File::create(&raw).with_context(|| format!("creating {}", raw.display()))?;
             f.write_all(&buf)?;

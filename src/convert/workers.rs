@@ -147,7 +147,7 @@ enum Body {
     /// Raw bytes in a staging file (objects are not compressed).
     File(PathBuf, File),
     /// Compressed as they arrive (see [`ZstdSpill`]).
-    Zstd(ZstdSpill),
+    Zstd(Box<ZstdSpill>),
 }
 
 fn run_job(
@@ -171,7 +171,7 @@ fn run_job(
                     let mut z = ZstdSpill::create(&spill_path, job.size, &shared.opts)?;
                     z.write_all(buf)?;
                     z.write_all(&chunk)?;
-                    body = Body::Zstd(z);
+                    body = Body::Zstd(Box::new(z));
                 }
                 Body::Memory(buf) => {
                     let mut f =

@@ -30,9 +30,11 @@ pub struct Args {
     /// Store an object compressed only when that makes it at most this fraction of its size.
     #[arg(long, default_value_t = 0.95)]
     max_ratio: f64,
-    /// Compression of the index layer: zstd (level 9), zstd:LEVEL or gzip (docs/convert.md).
-    #[arg(long, default_value = "zstd")]
-    index_compression: oci::index_image::LayerCompression,
+    /// Compression of the index layer: zstd (level 9), zstd:LEVEL or gzip. Default: zstd:19 when
+    /// the objects upload to a registry (the index is built while they upload), else zstd:9
+    /// (docs/convert.md).
+    #[arg(long)]
+    index_compression: Option<oci::index_image::LayerCompression>,
     /// Fingerprinting threads (besides the one reading layers).
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -72,11 +74,17 @@ pub fn run(a: Args) -> Result<()> {
     let dst: Arc<dyn oci::Repo> =
         Arc::from(oci::open(&a.dst, &topts, true).with_context(|| format!("opening {}", a.dst))?);
     let store = store::open(a.store.as_ref(), &a.dst, Arc::clone(&dst), true)?;
+    let uploads = a.store.is_none() && matches!(a.dst, ImageRef::Docker { .. });
+    let index_compression = a.index_compression.unwrap_or(oci::index_image::LayerCompression::Zstd(if uploads {
+        oci::index_image::INDEX_ZSTD_LEVEL_UPLOAD
+    } else {
+        oci::index_image::INDEX_ZSTD_LEVEL
+    }));
     let opts = ConvertOptions {
         inline_max: a.inline_max,
         compress: crate::store::compress::CompressOptions { level: a.zstd_level, max_ratio: a.max_ratio },
         workers: a.workers,
-        index_compression: a.index_compression,
+        index_compression,
         upload_jobs: a.upload_jobs,
         progress: !a.json,
         prefetch,

@@ -79,6 +79,9 @@ pub struct Built {
 /// zstd level of the index layer (docs/convert.md: 9 is within 0.5 % of 12-15's size at a
 /// sixth of level 16's time; 16 saves another 5 %, `--index-compression zstd:16`).
 pub const INDEX_ZSTD_LEVEL: i32 = 9;
+/// zstd level of the index layer when the objects upload to a registry: the index is built while
+/// they upload (seconds), so the smallest index costs no wall time there (docs/convert.md).
+pub const INDEX_ZSTD_LEVEL_UPLOAD: i32 = 19;
 
 /// Compresses a tar as one layer blob.
 pub fn compress_layer(tar: &[u8], c: LayerCompression) -> Result<(Vec<u8>, &'static str)> {

@@ -132,5 +132,22 @@ pub fn stats(a: StatsArgs) -> Result<()> {
             format!("{}/{}", f("prefetched"), f("prefetch_listed"))
         );
     }
+    let fe = &v["frontend"];
+    for kind in ["open", "read"] {
+        let t = &fe[kind];
+        if t["count"].as_u64().unwrap_or(0) > 0 {
+            let g = |k: &str| t[k].as_f64().unwrap_or(0.0);
+            println!(
+                "{} {}: {} answered, handling p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                fe["kind"].as_str().unwrap_or("?"),
+                kind.to_uppercase(),
+                t["count"],
+                g("p50_ms"),
+                g("p90_ms"),
+                g("p99_ms"),
+                g("max_ms")
+            );
+        }
+    }
     Ok(())
 }

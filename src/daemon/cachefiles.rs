@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use fscache::cachefiles::{Device, Error as DevError};
+use fscache::ring::timing::Timings;
 use fscache::ring::{Config as RingConfig, Server};
 
 use super::core::Core;
@@ -95,13 +96,22 @@ pub fn raise_nofile_limit() -> Result<u64> {
     Ok(hard)
 }
 
-/// Serves the session on this thread until the device fails: `restore` (a no-op for a fresh session;
-/// after a worker restart it re-queues what the dead worker had read), then the io_uring loop.
-pub fn serve(dev: Device, core: Arc<Core>, fill_workers: usize) -> Result<()> {
+/// Prepares to serve the session: `restore` (a no-op for a fresh session; after a worker restart it
+/// re-queues what the dead worker had read), then the io_uring loop, which [`Server::run`] runs on the
+/// caller's thread.
+pub fn start(dev: Device, core: Arc<Core>, fill_workers: usize) -> Result<Server<Core>> {
     dev.restore().context("cachefiles `restore` (the kernel needs the 6.8 failover backport, 6.1.95+)")?;
     let config = RingConfig { workers: fill_workers.max(1), fill_whole: true, ..RingConfig::default() };
-    let mut server = Server::new(dev, core, config).context("starting the cachefiles loop")?;
-    tracing::debug!("serving /dev/cachefiles");
-    server.run().context("serving /dev/cachefiles")?;
-    Ok(())
+    Server::new(dev, core, config).context("starting the cachefiles loop")
+}
+
+/// The handling times as the control socket reports them (`wisp stats`).
+pub fn timings_json(t: &Timings) -> serde_json::Value {
+    let one = |s: fscache::ring::timing::Summary| {
+        serde_json::json!({
+            "count": s.count, "sampled": s.sampled,
+            "p50_ms": s.p50_ms, "p90_ms": s.p90_ms, "p99_ms": s.p99_ms, "max_ms": s.max_ms,
+        })
+    };
+    serde_json::json!({ "open": one(t.open()), "read": one(t.read()) })
 }

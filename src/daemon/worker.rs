@@ -27,7 +27,7 @@ pub const FDS_LABEL_CACHEFILES: &str = "wisp-daemon cachefiles";
 #[derive(Clone)]
 enum Active {
     Fanotify(Arc<Frontend<Core>>, fscache::fanotify::Recovery),
-    Cachefiles,
+    Cachefiles(Arc<fscache::ring::timing::Timings>),
 }
 
 pub fn run(cfg: &Config) -> Result<()> {
@@ -94,8 +94,11 @@ fn run_cachefiles(cfg: &Config, dev: fscache::cachefiles::Device, listener: Unix
     let restored = mounts.restore().context("restoring mounts")?;
     tracing::info!(restored, nofile, pid = std::process::id(), frontend = "cachefiles", "worker ready");
     std::fs::write(cfg.state.join("worker.pid"), format!("{}\n", std::process::id()))?;
-    control_thread(listener, mounts, Active::Cachefiles)?;
-    super::cachefiles::serve(dev, core, cfg.fill_workers)
+    let mut server = super::cachefiles::start(dev, core, cfg.fill_workers)?;
+    control_thread(listener, mounts, Active::Cachefiles(server.timings()))?;
+    tracing::debug!("serving /dev/cachefiles");
+    server.run().context("serving /dev/cachefiles")?;
+    Ok(())
 }
 
 fn control_thread(listener: UnixListener, mounts: Arc<Mounts>, active: Active) -> Result<()> {
@@ -140,8 +143,10 @@ fn handle(req: &Request, mounts: &Mounts, active: &Active) -> Result<serde_json:
     Ok(match (req, active) {
         (Request::Mount(m), _) => mounts.mount(m)?,
         (Request::Umount { dir }, _) => mounts.umount(dir)?,
-        (Request::Stats, Active::Cachefiles) => {
-            serde_json::json!({"images": mounts_stats(mounts), "frontend": {"kind": "cachefiles"}})
+        (Request::Stats, Active::Cachefiles(t)) => {
+            let mut frontend = super::cachefiles::timings_json(t);
+            frontend["kind"] = "cachefiles".into();
+            serde_json::json!({"images": mounts_stats(mounts), "frontend": frontend})
         }
         (Request::Stats, Active::Fanotify(frontend, _)) => {
             let s = frontend.stats();
@@ -153,7 +158,7 @@ fn handle(req: &Request, mounts: &Mounts, active: &Active) -> Result<serde_json:
         (Request::Accessed { dir }, _) => {
             serde_json::json!({ "list": String::from_utf8_lossy(&mounts.accessed(dir)?) })
         }
-        (Request::Status, Active::Cachefiles) => serde_json::json!({
+        (Request::Status, Active::Cachefiles(_)) => serde_json::json!({
             "worker_pid": std::process::id(),
             "frontend": "cachefiles",
             "mounts": mounts.list(),

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::backend::{Backend, Errno, ObjectKey};
 use crate::cachefiles::{self, enobufs_backoff, Device, ObjectFd, OpenRequest, ReadRequest, Request};
@@ -29,7 +30,9 @@ use crate::sys::aligned::BLOCK;
 use crate::sys::uring::{Done, FdHold, Op, Uring, WriteBuf};
 use crate::{pool::Pool, sys};
 
+pub mod timing;
 mod work;
+use timing::{Kind, Timings};
 use work::{fill_window, FillGuard, OpenGuard, Posted, Shared};
 
 /// Loop settings.
@@ -134,6 +137,9 @@ pub struct Server<B: Backend> {
     shared: Arc<Shared<B::Object>>,
     objects: HashMap<u32, Arc<Object<B::Object>>>,
     pool: Pool,
+    /// When each unanswered request's message was read, for [`Timings`].
+    started: HashMap<u32, (Kind, Instant)>,
+    timings: Arc<Timings>,
 }
 
 impl<B: Backend> std::fmt::Debug for Server<B> {
@@ -155,7 +161,35 @@ impl<B: Backend> Server<B> {
         let shared = Arc::new(Shared { posted: Mutex::new(Vec::new()), wake, stop: AtomicBool::new(false) });
         let pool = Pool::new(config.workers, "wisp-cachefiles").map_err(RingError::Start)?;
         let dev = Arc::new(device);
-        Ok(Server { dev, wake: wake_hold, backend, config, uring, shared, objects: HashMap::new(), pool })
+        Ok(Server {
+            dev,
+            wake: wake_hold,
+            backend,
+            config,
+            uring,
+            shared,
+            objects: HashMap::new(),
+            pool,
+            started: HashMap::new(),
+            timings: Arc::default(),
+        })
+    }
+
+    /// Handling times of the requests answered so far (a live view).
+    pub fn timings(&self) -> Arc<Timings> {
+        self.timings.clone()
+    }
+
+    fn answered(&mut self, msg_id: u32) {
+        if let Some((kind, t0)) = self.started.remove(&msg_id) {
+            self.timings.record(kind, t0.elapsed());
+        }
+    }
+
+    /// Completes a READ (data written or not) and records its handling time.
+    fn complete_read(&mut self, obj: &Object<B::Object>, msg_id: u32) {
+        complete_read(obj, msg_id);
+        self.answered(msg_id);
     }
 
     /// A handle that stops [`Server::run`].
@@ -252,6 +286,7 @@ impl<B: Backend> Server<B> {
     }
 
     fn on_open(&mut self, open: OpenRequest) {
+        self.started.insert(open.msg_id, (Kind::Open, Instant::now()));
         let backend = self.backend.clone();
         let (domain, name) = (open.domain().map(str::to_owned), open.tag().map(str::to_owned));
         let (msg_id, object_id) = (open.msg_id, open.object_id);
@@ -267,10 +302,12 @@ impl<B: Backend> Server<B> {
 
     fn on_read(&mut self, read: ReadRequest) {
         let ReadRequest { msg_id, object_id, off, len } = read;
+        self.started.insert(msg_id, (Kind::Read, Instant::now()));
         let Some(obj) = self.objects.get(&object_id).cloned() else {
             // Without the object's fd the READ cannot even be completed; the kernel re-OPENs objects
             // whose fds were closed, so this means a protocol error.
             tracing::error!(msg_id, object_id, "READ for an unknown object");
+            self.started.remove(&msg_id);
             return;
         };
         let mut start = off / BLOCK as u64 * BLOCK as u64;
@@ -281,7 +318,7 @@ impl<B: Backend> Server<B> {
         }
         if end - start > self.config.max_read_len {
             tracing::error!(msg_id, object_id, off, len, "READ larger than max_read_len; failing it");
-            complete_read(&obj, msg_id);
+            self.complete_read(&obj, msg_id);
             return;
         }
         let backend = self.backend.clone();
@@ -310,7 +347,7 @@ impl<B: Backend> Server<B> {
             }
             Posted::Filled { msg_id, obj, offset, result: Ok(buf) } => {
                 if buf.is_empty() {
-                    complete_read(&obj, msg_id);
+                    self.complete_read(&obj, msg_id);
                 } else {
                     let fd: FdHold = obj.clone();
                     let op = Op::Write { fd, buf: WriteBuf::Aligned(buf), offset: Some(offset), done: 0 };
@@ -319,7 +356,7 @@ impl<B: Backend> Server<B> {
             }
             Posted::Filled { msg_id, obj, offset, result: Err(errno) } => {
                 tracing::warn!(msg_id, object_id = obj.id, offset, %errno, "fill failed; reader gets EIO");
-                complete_read(&obj, msg_id);
+                self.complete_read(&obj, msg_id);
             }
         }
     }
@@ -336,6 +373,7 @@ impl<B: Backend> Server<B> {
             }
         }
         drop(fd); // a refused OPEN's anonymous fd is closed after its copen
+        self.answered(msg_id);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -355,10 +393,10 @@ impl<B: Backend> Server<B> {
                 let op = Op::Write { fd: obj.clone(), buf, offset: Some(offset), done: done + n };
                 self.push(Tag::Fill { msg_id, obj, attempt }, op);
             }
-            Ok(n) if n > 0 => complete_read(&obj, msg_id),
+            Ok(n) if n > 0 => self.complete_read(&obj, msg_id),
             Ok(_) => {
                 tracing::error!(msg_id, object_id = obj.id, offset, "object write made no progress");
-                complete_read(&obj, msg_id);
+                self.complete_read(&obj, msg_id);
             }
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {
                 let op = Op::Write { fd: obj.clone(), buf, offset: Some(offset), done };
@@ -372,7 +410,7 @@ impl<B: Backend> Server<B> {
             }
             Err(e) => {
                 tracing::error!(msg_id, object_id = obj.id, offset, error = %e, "object write failed; reader gets EIO");
-                complete_read(&obj, msg_id);
+                self.complete_read(&obj, msg_id);
             }
         }
     }

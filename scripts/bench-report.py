@@ -9,7 +9,7 @@ import statistics
 import sys
 
 
-SYSTEMS = ("baseline", "wisp", "wisp+prefetch")
+SYSTEMS = ("baseline", "wisp", "wisp+prefetch", "nydus", "nydus-amplify0")
 
 
 def med(xs):
@@ -86,8 +86,8 @@ def main():
       "output and to its exit: median (min-max) of the runs. Link MB: bytes received on the node's veth. "
       "Limit: the compressed bytes of the objects the workload read (wisp stats) / link rate.\n")
     p("| link | workload | image | start | system | runs | first output s | exit s | link MB | "
-      "baseline/wisp (exit) | limit s | wisp/limit |")
-    p("|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|")
+      "baseline/system (exit) | system/wisp (exit) | limit s | system/limit |")
+    p("|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|")
     summary = []
     for k in sorted(g, key=lambda k: (-k[0], k[2], ["cold", "warm", "sibling"].index(k[3]))):
         rate, rtt, wl, mode, image = k
@@ -100,21 +100,22 @@ def main():
             if not rs:
                 continue
             smed = med([r["exit_s"] for r in rs])
-            lazy = sname.startswith("wisp")
+            lazy = sname != "baseline"
             ratio = "**%.1fx**" % (bmed / smed) if lazy and sy.get("baseline") else ""
+            vs_wisp = "%.2f" % (smed / wmed) if sname != "wisp" and sy.get("wisp") else ""
             lims = "%.2f" % lim if lazy and lim else ""
             wl_ratio = "%.2f" % (smed / lim) if lazy and lim else ""
-            p("| %g Mbit/s, %g ms | %s | %s | %s | %s | %d | %s | %s | %s | %s | %s | %s |" % (
+            p("| %g Mbit/s, %g ms | %s | %s | %s | %s | %d | %s | %s | %s | %s | %s | %s | %s |" % (
                 rate, rtt, wl, image, mode, sname, len(rs), fmt_range([r["first_output_s"] for r in rs]),
                 fmt_range([r["exit_s"] for r in rs]), fmt_range([r["link_rx_bytes"] / 1e6 for r in rs]),
-                ratio, lims, wl_ratio))
+                ratio, vs_wisp, lims, wl_ratio))
         summary.append((k, sy, lim))
     p("")
     p("## Where wisp's time goes (cold starts)\n")
     p("| link | workload | system | mount (index pull + mount) s | objects fetched | prefetched | stored MB fetched "
       "| content MB | fill latency p50 / p90 / max ms |")
     p("|---|---|---|--:|--:|--:|--:|--:|--:|")
-    for (k, sy, lim), sname in [(x, n) for x in summary for n in SYSTEMS[1:]]:
+    for (k, sy, lim), sname in [(x, n) for x in summary for n in ("wisp", "wisp+prefetch")]:
         if k[3] != "cold":
             continue
         rs = [r for r in sy.get(sname, []) if r.get("wisp_stats")]
@@ -135,6 +136,13 @@ def main():
             med([r["phases_s"]["mount"] for r in sy["baseline"]]))
         for k, sy, _ in summary if k[3] == "cold" and sy.get("baseline")) + ".")
     p("")
+    nyd = [(k, sname, sy[sname]) for k, sy, _ in summary for sname in ("nydus", "nydus-amplify0") if sy.get(sname)]
+    if nyd:
+        p("Nydus phases (cold, median, seconds since start): " + "; ".join(
+            "%s %s: bootstrap pulled %.2f, mounted %.2f" % (k[2], sname, med([r["phases_s"]["bootstrap"] for r in rs]),
+                                                            med([r["phases_s"]["mount"] for r in rs]))
+            for k, sname, rs in nyd) + ".")
+        p("")
     p("![cold starts](%s.svg)" % stem)
     p("")
     p("Raw results: `%s.json`." % stem)
@@ -154,7 +162,8 @@ def plot(summary, stem, meta):
     fig, ax = plt.subplots(figsize=(max(6, 1.9 * len(cold)), 4.5))
     names = [n for n in SYSTEMS if any(sy.get(n) for _, sy, _ in cold)]
     w = 0.76 / len(names)
-    colors = {"baseline": "#b0b0b0", "wisp": "#2a7ab9", "wisp+prefetch": "#2ca02c"}
+    colors = {"baseline": "#b0b0b0", "wisp": "#2a7ab9", "wisp+prefetch": "#2ca02c", "nydus": "#ff7f0e",
+              "nydus-amplify0": "#9467bd"}
     for i, (k, sy, lim) in enumerate(cold):
         for j, sname in enumerate(names):
             xs = [r["exit_s"] for r in sy.get(sname, [])]
@@ -172,7 +181,7 @@ def plot(summary, stem, meta):
     ax.set_xticklabels(["%s\n%s %s\n%g Mbit/s %g ms" % (k[2], k[4], k[3], k[0], k[1]) for k, _, _ in cold], fontsize=7)
     ax.set_ylabel("seconds to exit (median, min-max)")
     ax.set_yscale("log")
-    ax.set_title("wisp vs full pull, %s, kernel %s" % (meta["date"], meta["kernel"]), fontsize=9)
+    ax.set_title("wisp vs full pull and Nydus, %s, kernel %s" % (meta["date"], meta["kernel"]), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=110)

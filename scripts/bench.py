@@ -231,7 +231,7 @@ class Registry:
         self.logf = os.path.join(work, "registry-ns.log")
         self.proc = None
 
-    def fill(self, wisp, images, prefetch=()):
+    def fill(self, wisp, images, prefetch=(), nydus_bin=None, work=None):
         """Push the corpus images and their wisp conversions into the storage (host-side registry).
         For each (image, workload) in PREFETCH, also record a prefetch list and push IMAGE-prefetch."""
         sh(os.path.join(HERE, "registry"), "start", "--port", str(HOST_PORT), "--root", self.root)
@@ -249,6 +249,12 @@ class Registry:
                 conv[i] = json.loads(out)
             for i, w in prefetch:
                 conv[i + PREFETCH_SUFFIX] = record_prefetch(wisp, i, w, self.root + "-profile")
+            if nydus_bin:
+                for i in images:
+                    conv["nydus:" + i] = prepare_nydus(nydus_bin, i, work)
+                    log("nydus image of %s: blob %.1f MB, bootstrap %.2f MB (gzip %.2f MB), nydus-image %.1f s" % (
+                        i, conv["nydus:" + i]["blob_bytes"] / 1e6, conv["nydus:" + i]["bootstrap_bytes"] / 1e6,
+                        conv["nydus:" + i]["bootstrap_gz_bytes"] / 1e6, conv["nydus:" + i]["create_s"]))
             return conv
         finally:
             sh(os.path.join(HERE, "registry"), "stop", "--port", str(HOST_PORT), check=False)
@@ -481,6 +487,152 @@ class Wisp:
             self.dir = None
 
 
+NYDUS_REPO = "nydus/"   # Nydus images live in repositories nydus/FAMILY (bootstrap + one data blob)
+
+
+def push_blob(repo, path):
+    """Monolithic blob upload into the host-side registry; returns the digest."""
+    import hashlib
+    import http.client
+    import urllib.parse
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        data = f.read()
+    h.update(data)
+    digest = "sha256:" + h.hexdigest()
+    c = http.client.HTTPConnection("127.0.0.1", HOST_PORT, timeout=600)
+    c.request("POST", "/v2/%s/blobs/uploads/" % repo)
+    r = c.getresponse()
+    r.read()
+    loc = r.getheader("Location")
+    if r.status != 202 or not loc:
+        raise RuntimeError("blob upload to %s refused: %d" % (repo, r.status))
+    u = urllib.parse.urlsplit(loc)
+    q = (u.query + "&" if u.query else "") + "digest=" + digest
+    c.request("PUT", "%s?%s" % (u.path, q), body=data, headers={"Content-Type": "application/octet-stream"})
+    r = c.getresponse()
+    r.read()
+    if r.status != 201:
+        raise RuntimeError("blob upload to %s failed: %d" % (repo, r.status))
+    return digest
+
+
+def source_layout(image):
+    """(OCI layout, tag) of a corpus or bench image."""
+    fam, tag = image.split(":")
+    if fam in BENCH_IMAGES:
+        env = dict(l.split("=", 1) for l in sh(os.path.join(HERE, "bench-images"), "env", capture=True).split())
+        return env["WISP_BENCH_IMAGES"], "%s-%s" % (fam, tag)
+    env = dict(l.split("=", 1) for l in sh(os.path.join(HERE, "corpus"), "env", capture=True).split())
+    return os.path.join(env["WISP_CORPUS_OCI"], fam), tag
+
+
+def prepare_nydus(nydus_bin, image, work):
+    """IMAGE as a Nydus image: its flattened root file system (umoci unpack) through `nydus-image create`
+    (RAFS v6, zstd, nydus-image's default 1 MiB chunks) into a bootstrap and one data blob, both pushed as
+    blobs of NYDUS_REPO+FAMILY; the bootstrap gzip-compressed, as nydusify ships it in a tar.gz layer.
+    (nydusify, the Go converter, makes one blob per layer; one blob per image is a simplification that
+    does not change what a cold start reads.)"""
+    layout, tag = source_layout(image)
+    d = tempfile.mkdtemp(prefix="nydus-conv-", dir=work)
+    try:
+        bundle = os.path.join(d, "bundle")
+        sh("umoci", "unpack", "--image", "%s:%s" % (layout, tag), bundle, stdout=subprocess.DEVNULL)
+        blobs, boot = os.path.join(d, "blobs"), os.path.join(d, "bootstrap")
+        os.makedirs(blobs)
+        t = time.monotonic()
+        sh(os.path.join(nydus_bin, "nydus-image"), "create", "--fs-version", "6", "--compressor", "zstd",
+           "--bootstrap", boot, "--blob-dir", blobs, "--log-level", "warn", os.path.join(bundle, "rootfs"),
+           stdout=subprocess.DEVNULL)
+        secs = time.monotonic() - t
+        [blob] = os.listdir(blobs)
+        sh("gzip", "-n", "-k", boot)
+        repo = NYDUS_REPO + image.split(":")[0]
+        bd, bootd = push_blob(repo, os.path.join(blobs, blob)), push_blob(repo, boot + ".gz")
+        if bd != "sha256:" + blob:
+            raise RuntimeError("nydus blob %s has digest %s" % (blob, bd))
+        return {"repo": repo, "blob": bd, "bootstrap_gz": bootd, "blob_bytes": os.path.getsize(os.path.join(blobs, blob)),
+                "bootstrap_bytes": os.path.getsize(boot), "bootstrap_gz_bytes": os.path.getsize(boot + ".gz"),
+                "create_s": secs}
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class Nydus:
+    """Nydus: the bootstrap over the link (curl, gunzip), nydusd 2.4 in FUSE mode on it with the registry
+    backend and a blobcache (data chunks fetched on demand), an overlay on top, then the workload.
+    amplify_io None: nydusd's defaults (amplify_io 1 MiB, no prefetch); 0: read amplification off."""
+
+    def __init__(self, work, nydus_bin, images, amplify_io=None):
+        self.name = "nydus" if amplify_io is None else "nydus-amplify%d" % amplify_io
+        self.work, self.bin, self.images, self.amplify_io = work, nydus_bin, images, amplify_io
+        self.dir = None
+        self.procs = []
+
+    def fresh(self):
+        self.cleanup()
+        self.dir = tempfile.mkdtemp(prefix=self.name + "-", dir=self.work)
+
+    def start(self, image, workload, t0, pulled=False):
+        n = self.images[image]
+        d = self.dir
+        tag = image.replace(":", "-")
+        boot = os.path.join(d, "bootstrap-" + tag)
+        sh(*in_node("curl", "-sSf", "-o", boot + ".gz", "http://%s/v2/%s/blobs/%s" % (REG, n["repo"], n["bootstrap_gz"])))
+        sh("gunzip", "-f", boot + ".gz")
+        phases = {"bootstrap": time.monotonic() - t0}
+        cfg = {"device": {"backend": {"type": "registry", "config": {"scheme": "http", "host": REG, "repo": n["repo"]}},
+                          "cache": {"type": "blobcache", "config": {"work_dir": os.path.join(d, "cache")}}},
+               "mode": "direct", "digest_validate": False, "iostats_files": False, "enable_xattr": True}
+        if self.amplify_io is not None:
+            cfg["amplify_io"] = self.amplify_io
+        os.makedirs(os.path.join(d, "cache"), exist_ok=True)
+        conf = os.path.join(d, "nydusd-%s.json" % tag)
+        with open(conf, "w") as f:
+            json.dump(cfg, f)
+        mnt = os.path.join(d, "mnt-" + tag)
+        os.makedirs(mnt, exist_ok=True)
+        logf = open(os.path.join(d, "nydusd.log"), "a")
+        self.procs.append((subprocess.Popen(in_node(os.path.join(self.bin, "nydusd"), "--config", conf, "--mountpoint",
+                                                    mnt, "--bootstrap", boot, "--log-level", "warn"),
+                                            stdout=logf, stderr=logf), mnt))
+        while not os.path.ismount(mnt):
+            if self.procs[-1][0].poll() is not None:
+                raise RuntimeError("nydusd exited (log %s/nydusd.log)" % d)
+            if time.monotonic() - t0 > 120:
+                raise RuntimeError("nydusd did not mount within 120 s")
+            time.sleep(0.01)
+        phases["mount"] = time.monotonic() - t0
+        ov = os.path.join(d, "ov-%d" % int(time.monotonic() * 1000))
+        root = mount_overlay(mnt, ov)
+        try:
+            first, end = run_workload(root, workload, t0)
+        finally:
+            sh("umount", root)
+        return first, end, phases, {}
+
+    def log_tail(self):
+        try:
+            with open(os.path.join(self.dir, "nydusd.log"), errors="replace") as f:
+                return "".join(f.readlines()[-8:])
+        except (OSError, TypeError):
+            return ""
+
+    def cleanup(self):
+        for p, mnt in self.procs:
+            subprocess.run(["umount", "-l", mnt], capture_output=True)
+            p.terminate()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = []
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
 PREFETCH_SUFFIX = "-prefetch"
 
 
@@ -572,8 +724,9 @@ def main():
     ap.add_argument("--links", help="RATE_MBIT/RTT_MS,... (default 5/50,100/10; --quick: 5/50)")
     ap.add_argument("--workloads", help="comma-separated subset of: " + ", ".join(WORKLOADS))
     ap.add_argument("--no-warm", action="store_true", help="skip the warm and sibling starts")
-    ap.add_argument("--systems", default="baseline,wisp,wisp+prefetch",
-                    help="comma-separated: baseline, wisp, wisp+prefetch")
+    ap.add_argument("--systems", default="baseline,wisp,wisp+prefetch,nydus,nydus-amplify0",
+                    help="comma-separated: baseline, wisp, wisp+prefetch, nydus, nydus-amplify0 (the Nydus "
+                         "systems need NYDUS_BIN=DIR holding nydusd and nydus-image 2.4.x)")
     ap.add_argument("--daemon-arg", action="append", default=[], help="extra argument for wisp daemon (repeatable)")
     ap.add_argument("--registry-no-idle-restart", action="store_true",
                     help="experiment: net.ipv4.tcp_slow_start_after_idle=0 on the registry's side")
@@ -596,8 +749,14 @@ def main():
             meta.setdefault("versions", {})[tool] = "? (%s)" % e
     meta["versions"]["kernel"] = platform.release()
     meta["workloads"] = {k: v["desc"] for k, v in WORKLOADS.items()}
-    meta["nydus"] = "skipped (NYDUS_BIN not given)" if not os.environ.get("NYDUS_BIN") else \
-        "skipped (NYDUS_BIN given, but the Nydus runner is not implemented yet)"
+    nydus_bin = os.environ.get("NYDUS_BIN")
+    if nydus_bin:
+        for tool in ("nydusd", "nydus-image"):
+            meta["versions"][tool] = " ".join(
+                sh(os.path.join(nydus_bin, tool), "--version", capture=True).split())[:120]
+        meta["nydus"] = "nydusd FUSE, registry backend, blobcache; RAFS v6 zstd by nydus-image"
+    else:
+        meta["nydus"] = "skipped (NYDUS_BIN not given)"
 
     def stop_all(*_):
         raise KeyboardInterrupt
@@ -630,11 +789,16 @@ def main():
         names = a.systems.split(",")
         # wisp+prefetch: the list of the python import, recorded once per run (unshaped)
         pf = [("python:v1", "python-import")] if WispPrefetch.name in names else []
-        meta["convert"] = reg.fill(a.wisp, images, prefetch=pf)
+        want_nydus = nydus_bin and any(n.startswith("nydus") for n in names)
+        meta["convert"] = reg.fill(a.wisp, images, prefetch=pf, nydus_bin=nydus_bin if want_nydus else None, work=work)
         base, wsp = Baseline(work), Wisp(work, a.wisp, a.daemon_arg)
         wpf = WispPrefetch(work, a.wisp, a.daemon_arg)
         meta["wisp_daemon_args"] = a.daemon_arg
-        systems = [s for s in (base, wsp, wpf) if s.name in names]
+        candidates = [base, wsp, wpf]
+        if want_nydus:
+            nimg = {k[len("nydus:"):]: v for k, v in meta["convert"].items() if k.startswith("nydus:")}
+            candidates += [Nydus(work, nydus_bin, nimg), Nydus(work, nydus_bin, nimg, amplify_io=0)]
+        systems = [s for s in candidates if s.name in names]
         meta["registry_tcp_slow_start_after_idle"] = 0 if a.registry_no_idle_restart else 1
         for rate, rtt in links:
             if link.rtt_ms != rtt or link.rate_mbit is None:
@@ -669,7 +833,7 @@ def main():
                                                     os.path.join(s.dir, "state")], capture_output=True)
                             s.cleanup()
                             continue
-                        if warm and run == 0 and w == "python-import" and s.name != WispPrefetch.name:
+                        if warm and run == 0 and w == "python-import" and s.name in (Baseline.name, Wisp.name):
                             # warm: same node, image again (baseline: already unpacked; wisp: cache filled)
                             results.append(measure(s, image, w, link, "warm", t_pull_prev=True))
                             # sibling: python:v2 after v1

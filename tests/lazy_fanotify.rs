@@ -365,6 +365,16 @@ fn lazy_python_start_sibling_and_full_tree() {
     assert_eq!(fetched.len(), new_blobs.len(), "a full walk of v2 should fetch exactly its new objects");
     d.umount(&mnt2);
     d.umount(&mnt);
+
+    // Warm start: the node holds v1's index and objects, so a new mount fetches no blob at all (only
+    // the manifest, to learn the index's digest).
+    let (mnt3, upper3, work3) = (dir.join("mnt3"), dir.join("upper3"), dir.join("work3"));
+    let off = log_len(&fx.log);
+    d.mount(&fx.v1, &mnt3, &upper3, &work3);
+    assert_eq!(chroot(&mnt3, "python3 -c 'import json, email; print(1)'"), "1\n");
+    let served = blobs_served(&fx.log, off);
+    assert!(served.is_empty(), "a warm start fetched blobs: {served:?}");
+    d.umount(&mnt3);
     let _ = &fx.registry;
 }
 

@@ -28,6 +28,10 @@ pub struct Args {
     /// Seconds from a read to giving up on its object (the reader then gets EIO).
     #[arg(long, default_value_t = 30.0)]
     fetch_deadline: f64,
+    /// Megabits per second: each object's deadline grows by its stored size at this rate, so large
+    /// objects on slow links get time to arrive (0: the same deadline for every size).
+    #[arg(long, default_value_t = 2.0)]
+    fetch_min_rate: f64,
     /// Kernel interface: auto picks fanotify pre-content events (6.14+) if the kernel has them, else
     /// cachefiles on-demand (EROFS over fscache).
     #[arg(long, value_enum, default_value_t = FrontendKind::Auto)]
@@ -46,6 +50,7 @@ pub fn run(a: Args) -> Result<()> {
         fetch_concurrency: a.fetch_concurrency.max(1),
         fetch_attempts: a.fetch_attempts.max(1),
         fetch_deadline: Duration::from_secs_f64(a.fetch_deadline.max(0.1)),
+        fetch_min_rate_mbit: a.fetch_min_rate.max(0.0),
         frontend: a.frontend,
     };
     if a.worker {

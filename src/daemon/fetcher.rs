@@ -31,12 +31,23 @@ pub struct FetchOptions {
     pub attempts: u32,
     /// First backoff; doubles per retry.
     pub backoff: Duration,
-    /// Time from the request to giving up (the reader then gets EIO).
+    /// Time from the request to giving up (the reader then gets EIO), plus the object's stored size
+    /// at `min_rate` (so a 500 MiB object on a slow link is not cut off at the base deadline).
     pub deadline: Duration,
+    /// Bytes per second a download is allowed to be as slow as, for the size part of the deadline.
+    pub min_rate: f64,
     /// Where large objects are spooled.
     pub spool_dir: PathBuf,
     /// Test hook: sleep this long before every download (WISP_TEST_FETCH_DELAY_MS).
     pub delay: Duration,
+}
+
+impl FetchOptions {
+    /// The deadline of one object's download: the base deadline plus its stored size at `min_rate`.
+    pub fn deadline_for(&self, stored_size: u64) -> Duration {
+        let extra = if self.min_rate > 0.0 { stored_size as f64 / self.min_rate } else { 0.0 };
+        self.deadline + Duration::try_from_secs_f64(extra).unwrap_or(Duration::MAX / 4)
+    }
 }
 
 /// Verified content of one object.
@@ -140,7 +151,7 @@ impl Fetcher {
 
     fn download(&self, entry: &ObjectEntry, stores: &[Arc<dyn ObjectStore>]) -> Outcome {
         let start = Instant::now();
-        let deadline = start + self.opts.deadline;
+        let deadline = start + self.opts.deadline_for(entry.stored_size);
         let _slot = self.acquire(deadline)?;
         let hex = hex::encode(entry.digest);
         let mut backoff = self.opts.backoff;
@@ -273,9 +284,21 @@ mod tests {
             attempts,
             backoff: Duration::from_millis(10),
             deadline: Duration::from_secs(5),
+            min_rate: 0.0,
             spool_dir: std::env::temp_dir(),
             delay: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn deadline_grows_with_size() {
+        let o = FetchOptions { min_rate: 250_000.0, ..opts(1) };
+        assert_eq!(o.deadline_for(0), Duration::from_secs(5));
+        assert_eq!(
+            o.deadline_for(500 << 20),
+            Duration::from_secs(5) + Duration::from_secs_f64((500 << 20) as f64 / 250e3)
+        );
+        assert_eq!(opts(1).deadline_for(u64::MAX), Duration::from_secs(5));
     }
 
     #[test]

@@ -78,22 +78,55 @@ fn open_store(spec: &ImageSpec) -> Result<Opened> {
     Ok((r, repo, store))
 }
 
-/// Pulls the index image `spec` names into the state directory.
+/// Pulls the index image `spec` names into the state directory. An index already there under the same
+/// manifest digest (a warm start, a second mount) is reused: only the manifest is fetched again. The
+/// files were written after the layer's digest was verified, and a manifest digest pins its layer.
 pub fn pull(state: &Path, spec: &ImageSpec) -> Result<Image> {
     let (r, repo, store) = open_store(spec)?;
-    let pulled = index_image::read(&*repo).with_context(|| format!("reading the index image {r}"))?;
-    let id = pulled.manifest_digest.trim_start_matches("sha256:").to_owned();
+    let (digest, manifest) = index_image::resolve(&*repo).with_context(|| format!("reading the index image {r}"))?;
+    let id = digest.trim_start_matches("sha256:").to_owned();
     let dir = images_dir(state).join(&id);
+    if let Some(img) = cached(&dir, &id, spec, &store)? {
+        tracing::debug!(image = %r, id, "index already on the node");
+        return Ok(img);
+    }
+    let pulled =
+        index_image::read_layer(&*repo, digest, &manifest).with_context(|| format!("reading the index image {r}"))?;
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     write_atomic(&dir.join("objects.map"), &objmap::encode(&pulled.objects))?;
-    write_atomic(&dir.join("image.json"), &serde_json::to_vec_pretty(spec)?)?;
-    write_atomic(&dir.join("index.erofs"), &pulled.erofs)?;
     if let Some(list) = &pulled.prefetch {
         write_atomic(&dir.join("prefetch.list"), list)?;
     }
+    write_atomic(&dir.join("index.erofs"), &pulled.erofs)?;
+    write_atomic(&dir.join("image.json"), &serde_json::to_vec_pretty(spec)?)?;
     let devices = device_order(&pulled.erofs, &pulled.objects)?;
     let prefetch = prefetch_of(pulled.prefetch.as_deref());
     Ok(Image { id, dir, spec: spec.clone(), devices, store, prefetch })
+}
+
+/// The index pulled earlier into `dir`, if it is complete (image.json is written last); its image.json
+/// then takes `spec` (the same index may be reached through another reference or store).
+fn cached(dir: &Path, id: &str, spec: &ImageSpec, store: &Arc<dyn ObjectStore>) -> Result<Option<Image>> {
+    if !dir.join("image.json").is_file() {
+        return Ok(None);
+    }
+    let (Some(erofs_bytes), Some(map)) =
+        (read_optional(&dir.join("index.erofs"))?, read_optional(&dir.join("objects.map"))?)
+    else {
+        return Ok(None);
+    };
+    let map = objmap::decode(&map).with_context(|| format!("{}", dir.join("objects.map").display()))?;
+    let devices = device_order(&erofs_bytes, &map).with_context(|| format!("{}", dir.join("index.erofs").display()))?;
+    write_atomic(&dir.join("image.json"), &serde_json::to_vec_pretty(spec)?)?;
+    let prefetch = prefetch_of(read_optional(&dir.join("prefetch.list"))?.as_deref());
+    Ok(Some(Image {
+        id: id.to_owned(),
+        dir: dir.to_path_buf(),
+        spec: spec.clone(),
+        devices,
+        store: Arc::clone(store),
+        prefetch,
+    }))
 }
 
 /// Takes the index of `spec` from a local directory (`index.erofs` and `objects.map`, as unpacked from

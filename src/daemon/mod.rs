@@ -40,6 +40,8 @@ pub struct Config {
     pub fetch_concurrency: usize,
     pub fetch_attempts: u32,
     pub fetch_deadline: Duration,
+    /// Megabits per second: the deadline grows by an object's size at this rate.
+    pub fetch_min_rate_mbit: f64,
     /// The kernel interface (auto: fanotify if the kernel has pre-content events, else cachefiles).
     pub frontend: protocol::FrontendKind,
 }
@@ -60,6 +62,8 @@ impl Config {
             self.fetch_attempts.to_string(),
             "--fetch-deadline".into(),
             self.fetch_deadline.as_secs_f64().to_string(),
+            "--fetch-min-rate".into(),
+            self.fetch_min_rate_mbit.to_string(),
             "--frontend".into(),
             self.frontend.name().into(),
         ]
@@ -72,6 +76,7 @@ impl Config {
             attempts: self.fetch_attempts.max(1),
             backoff: Duration::from_millis(200),
             deadline: self.fetch_deadline,
+            min_rate: self.fetch_min_rate_mbit * 1e6 / 8.0,
             spool_dir: cache.tmp_dir(),
             delay: Duration::from_millis(delay),
         }

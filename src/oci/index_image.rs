@@ -279,6 +279,13 @@ pub struct Pulled {
 /// Reads the index image a repository reference names (its image index, or the index image manifest
 /// itself when copied without the object lists).
 pub fn read(repo: &dyn Repo) -> Result<Pulled> {
+    let (digest, manifest) = resolve(repo)?;
+    read_layer(repo, digest, &manifest)
+}
+
+/// The index image manifest a reference names (through its image index, if any), and its digest:
+/// a few small requests, so a node that already holds this index need not fetch its layer again.
+pub fn resolve(repo: &dyn Repo) -> Result<(String, ImageManifest)> {
     let top = repo.get_manifest(None)?;
     let (digest, manifest) = match parse_manifest(&top.bytes).context("parsing the manifest")? {
         Fetched::Manifest(m) => (top.digest, m),
@@ -304,6 +311,11 @@ pub fn read(repo: &dyn Repo) -> Result<Pulled> {
         }
         None => bail!("{}: not a wisp index image (no {ANN_FORMAT} annotation)", repo.describe()),
     }
+    Ok((digest, manifest))
+}
+
+/// Fetches and unpacks the one layer of the index image manifest `resolve` returned.
+pub fn read_layer(repo: &dyn Repo, digest: String, manifest: &ImageManifest) -> Result<Pulled> {
     let [layer] = manifest.layers.as_slice() else {
         bail!("{}: an index image has exactly one layer, this one {}", repo.describe(), manifest.layers.len());
     };

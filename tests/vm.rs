@@ -781,7 +781,9 @@ fn containerd_cachefiles_ctr_run() {
     let started = Instant::now();
     let fx = PathBuf::from(std::env::var("WISP_VM_FIXTURE").expect("WISP_VM_FIXTURE from the host side"));
     let log = guest_registry(&fx);
+    println!("guest registry up at {:.1}s", started.elapsed().as_secs_f64());
     let d = GuestDaemon::start(&["--frontend", "auto"], &[]);
+    println!("wisp daemon up at {:.1}s", started.elapsed().as_secs_f64());
     let status = d.call(&wisp::daemon::protocol::Request::Status);
     assert_eq!(status["frontend"], "cachefiles", "auto must pick cachefiles on 6.1: {status}");
 
@@ -975,7 +977,9 @@ fn containerd_cachefiles_ctr_run() {
     // Removing the view and the image (their garbage collection removes the backend snapshots)
     // releases the lazy mount.
     ctr(&sock, &["snapshots", "--snapshotter", "wisp", "rm", "wisp-check"]);
+    let t = Instant::now();
     ctr(&sock, &["images", "rm", "--sync", image]);
+    println!("ctr images rm --sync: {:.1}s", t.elapsed().as_secs_f64());
     let status = d.call(&wisp::daemon::protocol::Request::Status);
     assert_eq!(status["mounts"].as_array().map(Vec::len), Some(0), "{status}");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();

@@ -22,6 +22,14 @@ use crate::store::{fetch_verified, ObjectStore};
 /// Objects above this size are spooled to a file instead of memory.
 const SPOOL_ABOVE: u64 = 64 << 20;
 
+/// How long a failed flight's outcome answers new requests for the same object. When a read fails, the
+/// kernel asks again for the same read(2) (cachefiles: the readahead READ fails, then the page's own
+/// read sends a second one), so without this a reader waited for the whole retry sequence, or the whole
+/// `--fetch-deadline`, twice before getting EIO (seen in the VM: 10 s for a 5 s deadline). The second
+/// request came up to 2.6 s after the first failed in the TCG guest at host load 14, hence 3 s; a
+/// reader retrying after that (the store fixed, the registry back) gets a fresh fetch.
+pub const FAILURE_HOLD: Duration = Duration::from_secs(3);
+
 /// Fetcher settings.
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
@@ -98,6 +106,8 @@ struct Flight {
 pub struct Fetcher {
     opts: FetchOptions,
     flights: Mutex<HashMap<Digest, Arc<Flight>>>,
+    /// Objects whose last flight failed: when it ended, and its error ([`FAILURE_HOLD`]).
+    failed: Mutex<HashMap<Digest, (Instant, Errno)>>,
     slots: Mutex<usize>,
     slot_cv: Condvar,
 }
@@ -119,11 +129,27 @@ pub enum Joined {
 
 impl Fetcher {
     pub fn new(opts: FetchOptions) -> Self {
-        Fetcher { opts, flights: Mutex::new(HashMap::new()), slots: Mutex::new(0), slot_cv: Condvar::new() }
+        Fetcher {
+            opts,
+            flights: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
+            slots: Mutex::new(0),
+            slot_cv: Condvar::new(),
+        }
     }
 
     /// The verified content of `entry`, from the first of `stores` that has it.
     pub fn get(&self, entry: &ObjectEntry, stores: &[Arc<dyn ObjectStore>]) -> (Outcome, Joined) {
+        {
+            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            match failed.get(&entry.digest) {
+                Some(&(at, errno)) if at.elapsed() < FAILURE_HOLD => return (Err(errno), Joined::Shared),
+                Some(_) => {
+                    failed.remove(&entry.digest);
+                }
+                None => {}
+            }
+        }
         let (flight, leader) = {
             let mut map = self.flights.lock().unwrap_or_else(|p| p.into_inner());
             match map.get(&entry.digest) {
@@ -143,6 +169,9 @@ impl Fetcher {
             return (done.clone().expect("set"), Joined::Shared);
         }
         let outcome = self.download(entry, stores);
+        if let Err(errno) = &outcome {
+            self.failed.lock().unwrap_or_else(|p| p.into_inner()).insert(entry.digest, (Instant::now(), *errno));
+        }
         *flight.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.clone());
         flight.cv.notify_all();
         self.flights.lock().unwrap_or_else(|p| p.into_inner()).remove(&entry.digest);
@@ -334,5 +363,26 @@ mod tests {
         let store: Arc<dyn ObjectStore> = Arc::new(Flaky { data, fail: 0, opens: AtomicU32::new(0) });
         let f = Fetcher::new(opts(2));
         assert_eq!(f.get(&e, &[store]).0.unwrap_err(), Errno::EIO);
+    }
+
+    /// A request right after a failed flight gets its error without a new download; after
+    /// [`FAILURE_HOLD`] the object is fetched again (the store may have been fixed).
+    #[test]
+    fn failure_answers_immediate_retries_then_expires() {
+        let data = b"object bytes".to_vec();
+        let flaky = Arc::new(Flaky { data: data.clone(), fail: 2, opens: AtomicU32::new(0) });
+        let store: Arc<dyn ObjectStore> = flaky.clone();
+        let f = Fetcher::new(opts(2));
+        let e = entry_of(&data);
+        assert_eq!(f.get(&e, &[Arc::clone(&store)]).0.unwrap_err(), Errno::EIO);
+        assert_eq!(flaky.opens.load(Ordering::SeqCst), 2);
+        let (r, j) = f.get(&e, &[Arc::clone(&store)]);
+        assert_eq!((r.unwrap_err(), j), (Errno::EIO, Joined::Shared));
+        assert_eq!(flaky.opens.load(Ordering::SeqCst), 2, "the held failure must not download again");
+        std::thread::sleep(FAILURE_HOLD + Duration::from_millis(50));
+        let (r, j) = f.get(&e, &[store]);
+        assert!(matches!(&*r.unwrap(), Content::Memory(v) if *v == data));
+        assert_eq!(j, Joined::Fetched);
+        assert_eq!(flaky.opens.load(Ordering::SeqCst), 3);
     }
 }

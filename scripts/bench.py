@@ -594,7 +594,9 @@ class Nydus:
         os.makedirs(mnt, exist_ok=True)
         logf = open(os.path.join(d, "nydusd.log"), "a")
         self.procs.append((subprocess.Popen(in_node(os.path.join(self.bin, "nydusd"), "--config", conf, "--mountpoint",
-                                                    mnt, "--bootstrap", boot, "--log-level", "warn"),
+                                                    mnt, "--bootstrap", boot, "--log-level", "warn",
+                                                    # raising the hard RLIMIT_NOFILE is refused here (EPERM)
+                                                    "--rlimit-nofile", "0"),
                                             stdout=logf, stderr=logf), mnt))
         while not os.path.ismount(mnt):
             if self.procs[-1][0].poll() is not None:

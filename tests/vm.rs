@@ -533,6 +533,12 @@ impl Drop for GuestDaemon {
         let _ = self.child.wait();
         if std::thread::panicking() {
             println!("--- daemon log ---\n{}", daemon_log());
+            // The console is quiet (loglevel 1): kernel messages (a process's segfault, an oops) are
+            // only in the ring buffer.
+            let dmesg = Command::new("dmesg").output().map(|o| o.stdout).unwrap_or_default();
+            let dmesg = String::from_utf8_lossy(&dmesg);
+            let lines: Vec<&str> = dmesg.lines().collect();
+            println!("--- dmesg (last 60 lines) ---\n{}", lines[lines.len().saturating_sub(60)..].join("\n"));
         }
     }
 }

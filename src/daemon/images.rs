@@ -17,6 +17,7 @@ use anyhow::{Context, Result};
 use erofs::tree::Digest;
 use serde::{Deserialize, Serialize};
 
+use crate::oci::layout::write_atomic;
 use crate::oci::objmap::{self, ObjectEntry};
 use crate::oci::{self, index_image, ImageRef, TransportOptions};
 use crate::store::{self, ObjectStore, StoreSpec};
@@ -179,13 +180,6 @@ fn device_order(erofs_bytes: &[u8], objects: &[ObjectEntry]) -> Result<Vec<Objec
                 .with_context(|| format!("device {}: object {} is not in the object map", i + 1, hex::encode(digest)))
         })
         .collect()
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))
 }
 
 /// The paths of a prefetch list (`wisp/prefetch.list`: one absolute path per line).

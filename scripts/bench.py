@@ -384,6 +384,15 @@ def mount_overlay(lower, base):
     return os.path.join(base, "root")
 
 
+def run_on_overlay(lower, d, workload, t0):
+    """The container's writable layer: an overlay over LOWER (under D), the workload in it, unmounted after."""
+    root = mount_overlay(lower, os.path.join(d, "ov-%d" % int(time.monotonic() * 1000)))
+    try:
+        return run_workload(root, workload, t0)
+    finally:
+        sh("umount", root)
+
+
 class Baseline:
     """Full pull over the link (skopeo), unpack (umoci: every layer applied, whiteouts included), overlay
     mount (the container's writable layer), then the workload."""
@@ -407,13 +416,8 @@ class Baseline:
             phases["pull"] = time.monotonic() - t0
             sh("umoci", "unpack", "--image", "%s:%s" % (oci, image.replace(":", "-")), bundle, stdout=subprocess.DEVNULL)
             phases["unpack"] = time.monotonic() - t0
-        ov = os.path.join(d, "ov-%d" % int(time.monotonic() * 1000))
-        root = mount_overlay(os.path.join(bundle, "rootfs"), ov)
         phases["mount"] = time.monotonic() - t0
-        try:
-            first, end = run_workload(root, workload, t0)
-        finally:
-            sh("umount", root)
+        first, end = run_on_overlay(os.path.join(bundle, "rootfs"), d, workload, t0)
         return first, end, phases, {}
 
     def cleanup(self):
@@ -605,12 +609,7 @@ class Nydus:
                 raise RuntimeError("nydusd did not mount within 120 s")
             time.sleep(0.01)
         phases["mount"] = time.monotonic() - t0
-        ov = os.path.join(d, "ov-%d" % int(time.monotonic() * 1000))
-        root = mount_overlay(mnt, ov)
-        try:
-            first, end = run_workload(root, workload, t0)
-        finally:
-            sh("umount", root)
+        first, end = run_on_overlay(mnt, d, workload, t0)
         return first, end, phases, {}
 
     def log_tail(self):

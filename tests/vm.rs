@@ -603,11 +603,11 @@ fn chroot(dir: &Path, cmd: &str) -> String {
 #[test]
 fn daemon_cachefiles_python_lazy_start() {
     let fixture = vm_tests_enabled().then(|| PythonFixture::build("5101", true));
-    let env: Vec<(&str, String)> = fixture.iter().map(|f| ("WISP_VM_FIXTURE", f.dir.display().to_string())).collect();
+    let env = fixture_env(fixture.as_ref());
     if !in_vm_env(test_name!(), &env) {
         return;
     }
-    let fx = PathBuf::from(std::env::var("WISP_VM_FIXTURE").expect("WISP_VM_FIXTURE from the host side"));
+    let fx = guest_fixture();
     let log = guest_registry(&fx);
     let d = GuestDaemon::start(&["--frontend", "auto"], &[]);
     let status = d.call(&wisp::daemon::protocol::Request::Status);
@@ -677,11 +677,11 @@ fn daemon_cachefiles_python_lazy_start() {
 #[test]
 fn daemon_cachefiles_worker_kill9_restore() {
     let fixture = vm_tests_enabled().then(|| PythonFixture::build("5102", true));
-    let env: Vec<(&str, String)> = fixture.iter().map(|f| ("WISP_VM_FIXTURE", f.dir.display().to_string())).collect();
+    let env = fixture_env(fixture.as_ref());
     if !in_vm_env(test_name!(), &env) {
         return;
     }
-    let fx = PathBuf::from(std::env::var("WISP_VM_FIXTURE").expect("WISP_VM_FIXTURE from the host side"));
+    let fx = guest_fixture();
     guest_registry(&fx);
     let d = GuestDaemon::start(&["--frontend", "cachefiles"], &[("WISP_TEST_FETCH_DELAY_MS", "300")]);
     let mnt = d.mount("docker://127.0.0.1:5000/wisp/python:v1", Path::new("/scratch/c1"));
@@ -798,12 +798,12 @@ fn files_allocated(dir: &Path) -> (u64, u64) {
 #[test]
 fn containerd_cachefiles_ctr_run() {
     let fixture = vm_tests_enabled().then(|| PythonFixture::build("5160", false));
-    let env: Vec<(&str, String)> = fixture.iter().map(|f| ("WISP_VM_FIXTURE", f.dir.display().to_string())).collect();
+    let env = fixture_env(fixture.as_ref());
     if !in_vm_env(test_name!(), &env) {
         return;
     }
     let started = Instant::now();
-    let fx = PathBuf::from(std::env::var("WISP_VM_FIXTURE").expect("WISP_VM_FIXTURE from the host side"));
+    let fx = guest_fixture();
     let log = guest_registry(&fx);
     println!("guest registry up at {:.1}s", started.elapsed().as_secs_f64());
     let d = GuestDaemon::start(&["--frontend", "auto"], &[]);
@@ -1041,6 +1041,11 @@ fn python_fixture_with_sibling(port: &str) -> PythonFixture {
     fx
 }
 
+/// The guest's environment naming the host-side fixture (none when the VM tests do not run).
+fn fixture_env(fixture: Option<&PythonFixture>) -> Vec<(&'static str, String)> {
+    fixture.iter().map(|f| ("WISP_VM_FIXTURE", f.dir.display().to_string())).collect()
+}
+
 /// The guest's fixture directory (`WISP_VM_FIXTURE`, set by the host side).
 fn guest_fixture() -> PathBuf {
     PathBuf::from(std::env::var("WISP_VM_FIXTURE").expect("WISP_VM_FIXTURE from the host side"))
@@ -1165,7 +1170,7 @@ fn registry_blob(hex: &str) -> PathBuf {
 #[test]
 fn daemon_cachefiles_tampered_object_eio() {
     let fixture = vm_tests_enabled().then(|| PythonFixture::build("5150", false));
-    let env: Vec<(&str, String)> = fixture.iter().map(|f| ("WISP_VM_FIXTURE", f.dir.display().to_string())).collect();
+    let env = fixture_env(fixture.as_ref());
     if !in_vm_env(test_name!(), &env) {
         return;
     }
@@ -1299,7 +1304,7 @@ fn daemon_cachefiles_tampered_object_eio() {
 #[test]
 fn daemon_cachefiles_registry_stopped_eio() {
     let fixture = vm_tests_enabled().then(|| PythonFixture::build("5151", true));
-    let env: Vec<(&str, String)> = fixture.iter().map(|f| ("WISP_VM_FIXTURE", f.dir.display().to_string())).collect();
+    let env = fixture_env(fixture.as_ref());
     if !in_vm_env(test_name!(), &env) {
         return;
     }
@@ -1379,7 +1384,7 @@ fn daemon_cachefiles_registry_stopped_eio() {
 #[test]
 fn daemon_cachefiles_two_containers_and_sibling() {
     let fixture = vm_tests_enabled().then(|| python_fixture_with_sibling("5152"));
-    let env: Vec<(&str, String)> = fixture.iter().map(|f| ("WISP_VM_FIXTURE", f.dir.display().to_string())).collect();
+    let env = fixture_env(fixture.as_ref());
     if !in_vm_env(test_name!(), &env) {
         return;
     }

@@ -111,23 +111,22 @@ fn cached(dir: &Path, id: &str, spec: &ImageSpec, store: &Arc<dyn ObjectStore>) 
     if !dir.join("image.json").is_file() {
         return Ok(None);
     }
-    let (Some(erofs_bytes), Some(map)) =
-        (read_optional(&dir.join("index.erofs"))?, read_optional(&dir.join("objects.map"))?)
-    else {
+    let Some(img) = read_pulled(dir, id, spec.clone(), Arc::clone(store))? else { return Ok(None) };
+    write_atomic(&dir.join("image.json"), &serde_json::to_vec_pretty(spec)?)?;
+    Ok(Some(img))
+}
+
+/// An index pulled earlier into `dir` (index.erofs, objects.map, prefetch.list), or None when its
+/// index or object map is missing.
+fn read_pulled(dir: &Path, id: &str, spec: ImageSpec, store: Arc<dyn ObjectStore>) -> Result<Option<Image>> {
+    let (erofs_path, map_path) = (dir.join("index.erofs"), dir.join("objects.map"));
+    let (Some(erofs_bytes), Some(map)) = (read_optional(&erofs_path)?, read_optional(&map_path)?) else {
         return Ok(None);
     };
-    let map = objmap::decode(&map).with_context(|| format!("{}", dir.join("objects.map").display()))?;
-    let devices = device_order(&erofs_bytes, &map).with_context(|| format!("{}", dir.join("index.erofs").display()))?;
-    write_atomic(&dir.join("image.json"), &serde_json::to_vec_pretty(spec)?)?;
+    let map = objmap::decode(&map).with_context(|| format!("{}", map_path.display()))?;
+    let devices = device_order(&erofs_bytes, &map).with_context(|| format!("{}", erofs_path.display()))?;
     let prefetch = prefetch_of(read_optional(&dir.join("prefetch.list"))?.as_deref());
-    Ok(Some(Image {
-        id: id.to_owned(),
-        dir: dir.to_path_buf(),
-        spec: spec.clone(),
-        devices,
-        store: Arc::clone(store),
-        prefetch,
-    }))
+    Ok(Some(Image { id: id.to_owned(), dir: dir.to_path_buf(), spec, devices, store, prefetch }))
 }
 
 /// Takes the index of `spec` from a local directory (`index.erofs` and `objects.map`, as unpacked from
@@ -158,12 +157,9 @@ pub fn from_local(state: &Path, index_dir: &Path, spec: &ImageSpec) -> Result<Im
 pub fn load(state: &Path, id: &str) -> Result<Image> {
     let dir = images_dir(state).join(id);
     let spec: ImageSpec = serde_json::from_slice(&fs::read(dir.join("image.json"))?).context("image.json")?;
-    let map = objmap::decode(&fs::read(dir.join("objects.map"))?)?;
-    let erofs_bytes = fs::read(dir.join("index.erofs"))?;
-    let devices = device_order(&erofs_bytes, &map)?;
     let (_, _, store) = open_store(&spec)?;
-    let prefetch = prefetch_of(read_optional(&dir.join("prefetch.list"))?.as_deref());
-    Ok(Image { id: id.to_owned(), dir, spec, devices, store, prefetch })
+    read_pulled(&dir, id, spec, store)?
+        .with_context(|| format!("{}: index.erofs or objects.map is missing", dir.display()))
 }
 
 /// The object of every device-table slot, in slot order.

@@ -302,14 +302,13 @@ impl<B: Backend> Server<B> {
 
     fn on_read(&mut self, read: ReadRequest) {
         let ReadRequest { msg_id, object_id, off, len } = read;
-        self.started.insert(msg_id, (Kind::Read, Instant::now()));
         let Some(obj) = self.objects.get(&object_id).cloned() else {
             // Without the object's fd the READ cannot even be completed; the kernel re-OPENs objects
             // whose fds were closed, so this means a protocol error.
             tracing::error!(msg_id, object_id, "READ for an unknown object");
-            self.started.remove(&msg_id);
             return;
         };
+        self.started.insert(msg_id, (Kind::Read, Instant::now()));
         let mut start = off / BLOCK as u64 * BLOCK as u64;
         let mut end = off.saturating_add(len).div_ceil(BLOCK as u64).saturating_mul(BLOCK as u64);
         let whole = obj.size.div_ceil(BLOCK as u64).saturating_mul(BLOCK as u64);

@@ -10,6 +10,13 @@ Topology (all addresses inside network namespaces, nothing on the host's own int
 The rate is tbf on both veth ends, the delay (RTT/2 each way) a user-space relay over a TUN pair
 (scripts/bench-relay.py; the host kernel has no sch_netem). Bytes are counted on veth-n. The wisp
 daemon and skopeo run in the node namespace (nsenter --net only: mounts stay visible on the host).
+
+--vm: the same series inside the vm-tests VM (6.1 kernel, QEMU TCG), where the wisp daemon serves the
+kernel through cachefiles on-demand mode. The host fills the registry storage (and records the prefetch
+list) as for a native run, then runs this script with --guest inside vm-tests/run. In the guest the
+storage is copied to the ext4 /scratch disk, the delay is sch_netem (the guest kernel has it) at the root
+of each veth end with the tbf as its child, and mid and reg are joined by a second, unshaped veth pair
+instead of the TUN relay. The guest prints its results as one RESULT line; the host writes the report.
 """
 import argparse
 import datetime
@@ -77,14 +84,17 @@ def drop_caches():
 
 
 class Link:
-    def __init__(self, work):
+    def __init__(self, work, netem=False):
         self.work = work
+        self.netem = netem     # delay by sch_netem (in the VM) instead of the user-space relay
         self.relay = None
+        self.created = False   # down() deletes only namespaces this object made
         self.rate_mbit = None
         self.rtt_ms = None
 
     def up(self, rate_mbit, rtt_ms):
         self.down()
+        self.created = True
         for n in (NS_NODE, NS_MID, NS_REG):
             sh("ip", "netns", "add", n)
             ns(n, "ip", "link", "set", "lo", "up")
@@ -98,11 +108,20 @@ class Link:
             ns(n, "ip", "link", "set", d, "up")
         ns(NS_NODE, "ip", "route", "add", "default", "via", "10.77.1.1")
         ns(NS_MID, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
-        self._relay(rtt_ms)
-        ns(NS_MID, "ip", "addr", "add", "10.77.2.2", "peer", REG_IP, "dev", "tun-m")
-        ns(NS_MID, "ip", "link", "set", "tun-m", "up")
-        ns(NS_REG, "ip", "addr", "add", REG_IP, "peer", "10.77.2.2", "dev", "tun-r")
-        ns(NS_REG, "ip", "link", "set", "tun-r", "up")
+        if self.netem:
+            # mid <-> reg: a second veth pair, unshaped (the delay is netem's, on veth-n and veth-m)
+            sh("ip", "link", "add", "veth-x", "netns", NS_MID, "type", "veth", "peer", "name", "veth-r",
+               "netns", NS_REG)
+            ns(NS_MID, "ip", "addr", "add", "10.77.2.2/24", "dev", "veth-x")
+            ns(NS_MID, "ip", "link", "set", "veth-x", "up")
+            ns(NS_REG, "ip", "addr", "add", REG_IP + "/24", "dev", "veth-r")
+            ns(NS_REG, "ip", "link", "set", "veth-r", "up")
+        else:
+            self._relay(rtt_ms)
+            ns(NS_MID, "ip", "addr", "add", "10.77.2.2", "peer", REG_IP, "dev", "tun-m")
+            ns(NS_MID, "ip", "link", "set", "tun-m", "up")
+            ns(NS_REG, "ip", "addr", "add", REG_IP, "peer", "10.77.2.2", "dev", "tun-r")
+            ns(NS_REG, "ip", "link", "set", "tun-r", "up")
         ns(NS_REG, "ip", "route", "add", "10.77.1.0/24", "via", "10.77.2.2")
         self.shape(rate_mbit, rtt_ms)
 
@@ -126,7 +145,7 @@ class Link:
 
     def shape(self, rate_mbit, rtt_ms):
         """Set the rate (tbf both ways) and the delay (restart the relay if it changes)."""
-        if self.rtt_ms is not None and rtt_ms != self.rtt_ms:
+        if self.rtt_ms is not None and rtt_ms != self.rtt_ms and not self.netem:
             # the TUN devices go with the relay; recreate the whole link
             self.up(rate_mbit, rtt_ms)
             return
@@ -135,6 +154,14 @@ class Link:
         burst = max(int(rate / 8 * 0.004), 6000)
         limit = max(int(2 * rate / 8 * rtt_ms / 1000.0), 65536)
         for n, d in ((NS_NODE, "veth-n"), (NS_MID, "veth-m")):
+            if self.netem:
+                # RTT/2 in netem at the root (a queue that never drops), then the rate: tbf as netem's
+                # child, with the same burst and byte queue as below
+                ns(n, "tc", "qdisc", "replace", "dev", d, "root", "handle", "1:", "netem", "delay",
+                   "%gms" % (rtt_ms / 2.0), "limit", "100000")
+                ns(n, "tc", "qdisc", "replace", "dev", d, "parent", "1:1", "handle", "10:", "tbf", "rate",
+                   "%dbit" % rate, "burst", str(burst), "limit", str(limit))
+                continue
             ns(n, "tc", "qdisc", "replace", "dev", d, "root", "tbf", "rate", "%dbit" % rate,
                "burst", str(burst), "limit", str(limit))
         self.rate_mbit, self.rtt_ms = rate_mbit, rtt_ms
@@ -148,9 +175,11 @@ class Link:
                 self.relay.kill()
                 self.relay.wait()
             self.relay = None
-        for n in (NS_NODE, NS_MID, NS_REG):
-            if os.path.exists("/run/netns/" + n):
-                sh("ip", "netns", "del", n, check=False)
+        if self.created:
+            for n in (NS_NODE, NS_MID, NS_REG):
+                if os.path.exists("/run/netns/" + n):
+                    sh("ip", "netns", "del", n, check=False)
+            self.created = False
         self.rate_mbit = self.rtt_ms = None
 
     @staticmethod
@@ -704,6 +733,8 @@ def measure(system, image, workload, link, mode, t_pull_prev=False):
     s = image_stats(stats, image) if stats else None
     if s:
         r["wisp_stats"] = s
+    if stats and isinstance(stats.get("frontend"), dict):
+        r["frontend_stats"] = stats["frontend"]
     log("%-8s %-13s %-10s %-7s first %.2f s, exit %.2f s, link %.2f MB down %s" % (
         system.name, image, workload, mode, first, end, (rx1 - rx0) / 1e6,
         " ".join("%s %.2f" % kv for kv in phases.items())))
@@ -712,6 +743,51 @@ def measure(system, image, workload, link, mode, t_pull_prev=False):
 
 def series(results, **kw):
     return [r for r in results if all(r.get(k) == v for k, v in kw.items())]
+
+
+VM_MEM_MIB, VM_SCRATCH = 3072, "8G"
+
+
+def vm_run(a, work, meta, results):
+    """--vm: the series inside vm-tests/run (--guest); the guest's meta and results are merged into META and
+    RESULTS. The host's work directory (the registry storage) is read-only in the guest."""
+    with open(os.path.join(work, "vm.json"), "w") as f:
+        json.dump({"convert": meta["convert"]}, f)
+    argv = [sys.executable, os.path.abspath(__file__), "--guest", work, "--wisp", a.wisp, "--runs", str(a.runs),
+            "--systems", a.systems]
+    argv += ["--quick"] if a.quick else []
+    argv += ["--no-warm"] if a.no_warm else []
+    argv += ["--links", a.links] if a.links else []
+    argv += ["--workloads", a.workloads] if a.workloads else []
+    for d in a.daemon_arg:
+        argv += ["--daemon-arg=" + d]
+    qemu = sh("qemu-system-x86_64", "--version", capture=True).splitlines()[0]
+    host = {"host_kernel": platform.release(), "host_cpus": os.cpu_count(), "host_load_start": os.getloadavg(),
+            "qemu": qemu, "accel": "tcg", "vcpus": 1, "mem_mib": VM_MEM_MIB, "scratch": VM_SCRATCH + " ext4"}
+    log("booting the VM (vm-tests/run, %d MiB, timeout %d s)" % (VM_MEM_MIB, a.vm_timeout))
+    t = time.monotonic()
+    p = subprocess.Popen([os.path.join(ROOT, "vm-tests/run"), "--timeout", str(a.vm_timeout), "--mem",
+                          str(VM_MEM_MIB), "--scratch-size", VM_SCRATCH, "--", *argv],
+                         stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    res = None
+    for line in p.stdout:
+        if line.startswith("RESULT "):
+            res = json.loads(line[len("RESULT "):])
+        else:
+            sys.stderr.write(line)
+    rc = p.wait()
+    if rc != 0 or res is None:
+        raise RuntimeError("the run in the VM failed (vm-tests/run exit %d%s)" % (
+            rc, "" if res is None else ", but it reported results"))
+    host["vm_seconds"] = time.monotonic() - t
+    host["host_load_end"] = os.getloadavg()
+    guest_meta = res["meta"]
+    for k in ("versions", "workloads", "convert"):
+        guest_meta[k] = guest_meta.get(k) or meta.get(k)
+    meta.clear()
+    meta.update(guest_meta)
+    meta["vm"] = host
+    results.extend(res["results"])
 
 
 def main():
@@ -731,17 +807,35 @@ def main():
     ap.add_argument("--daemon-arg", action="append", default=[], help="extra argument for wisp daemon (repeatable)")
     ap.add_argument("--registry-no-idle-restart", action="store_true",
                     help="experiment: net.ipv4.tcp_slow_start_after_idle=0 on the registry's side")
-    ap.add_argument("--stem", help="output name in --out (default results, or results-quick)")
+    ap.add_argument("--stem", help="output name in --out (default results, or results-quick; with --vm "
+                                   "results-vm, results-vm-quick)")
+    ap.add_argument("--vm", action="store_true",
+                    help="run the series inside the vm-tests VM (6.1 kernel, cachefiles frontend)")
+    ap.add_argument("--vm-timeout", type=int, default=5400, help="--vm: seconds before the VM is killed")
+    ap.add_argument("--guest", metavar="HOST_WORK", help=argparse.SUPPRESS)   # --vm's run inside the VM
     a = ap.parse_args()
+    if a.vm and a.link_only:
+        sys.exit("bench: --link-only measures the native link; --vm checks its link in the guest before the runs")
+    if a.vm or a.guest:
+        # no Nydus in the VM (FUSE under TCG, and its binaries are not passed in)
+        a.systems = ",".join(n for n in a.systems.split(",") if not n.startswith("nydus"))
+        os.environ.pop("NYDUS_BIN", None)
+    if a.guest:
+        # the guest sees the host's / read-only: everything it writes goes to the ext4 /scratch disk
+        os.environ["TMPDIR"] = "/scratch/tmp"
+        os.makedirs("/scratch/tmp", exist_ok=True)
 
-    work = tempfile.mkdtemp(prefix="wisp-bench.", dir="/var/tmp")
-    link = Link(work)
+    work = tempfile.mkdtemp(prefix="wisp-bench.", dir="/scratch" if a.guest else "/var/tmp")
+    link = Link(work, netem=bool(a.guest))
     reg = Registry(work)
     systems = []
     results = []
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "kernel": platform.release(), "cpus": os.cpu_count(), "quick": a.quick, "runs": a.runs,
             "load_start": os.getloadavg()}
+    if a.guest:
+        with open("/sys/devices/system/clocksource/clocksource0/current_clocksource") as f:
+            meta["clocksource"] = f.read().strip()
     for tool, argv in (("wisp", [a.wisp, "--version"]), ("skopeo", ["skopeo", "--version"]),
                        ("umoci", ["umoci", "--version"]), ("docker-registry", ["docker-registry", "--version"])):
         try:
@@ -791,7 +885,19 @@ def main():
         # wisp+prefetch: the list of the python import, recorded once per run (unshaped)
         pf = [("python:v1", "python-import")] if WispPrefetch.name in names else []
         want_nydus = nydus_bin and any(n.startswith("nydus") for n in names)
-        meta["convert"] = reg.fill(a.wisp, images, prefetch=pf, nydus_bin=nydus_bin if want_nydus else None, work=work)
+        if a.guest:
+            # the host filled the storage (and recorded the prefetch list): copy it onto /scratch
+            with open(os.path.join(a.guest, "vm.json")) as f:
+                meta["convert"] = json.load(f)["convert"]
+            t = time.monotonic()
+            sh("cp", "-a", os.path.join(a.guest, "registry"), reg.root)
+            log("registry storage copied to %s in %.1f s" % (reg.root, time.monotonic() - t))
+        else:
+            meta["convert"] = reg.fill(a.wisp, images, prefetch=pf, nydus_bin=nydus_bin if want_nydus else None,
+                                       work=work)
+        if a.vm:
+            vm_run(a, work, meta, results)
+            links = []   # the series ran in the VM
         base, wsp = Baseline(work), Wisp(work, a.wisp, a.daemon_arg)
         wpf = WispPrefetch(work, a.wisp, a.daemon_arg)
         meta["wisp_daemon_args"] = a.daemon_arg
@@ -845,18 +951,22 @@ def main():
             s.cleanup()
         reg.stop()
         link.down()
-        meta["load_end"] = os.getloadavg()
-        if os.environ.get("WISP_BENCH_KEEP"):
+        meta.setdefault("load_end", os.getloadavg())
+        if os.environ.get("WISP_BENCH_KEEP") and not a.guest:
             log("kept the work directory %s (WISP_BENCH_KEEP)" % work)
         else:
             shutil.rmtree(work, ignore_errors=True)
     out = {"meta": meta, "results": results}
+    if a.guest:
+        print("RESULT " + json.dumps(out), flush=True)
+        return
     if a.json:
         with open(a.json + ".tmp", "w") as f:
             json.dump(out, f, indent=1)
         os.rename(a.json + ".tmp", a.json)
     os.makedirs(a.out, exist_ok=True)
-    raw = os.path.join(a.out, (a.stem or ("results-quick" if a.quick else "results")) + ".json")
+    stem = "results-vm" if meta.get("vm") else "results"
+    raw = os.path.join(a.out, (a.stem or (stem + "-quick" if a.quick else stem)) + ".json")
     with open(raw, "w") as f:
         json.dump(out, f, indent=1)
     sh(sys.executable, os.path.join(HERE, "bench-report.py"), raw, a.out)

@@ -89,6 +89,8 @@ class Link:
         self.netem = netem     # delay by sch_netem (in the VM) instead of the user-space relay
         self.relay = None
         self.created = False   # down() deletes only namespaces this object made
+        self.stack_ms = None   # netem: the RTT of the guest's own network stack, without delay
+        self.one_way_ms = None
         self.rate_mbit = None
         self.rtt_ms = None
 
@@ -143,8 +145,13 @@ class Link:
             time.sleep(0.05)
         raise RuntimeError("the delay relay did not start")
 
-    def shape(self, rate_mbit, rtt_ms):
-        """Set the rate (tbf both ways) and the delay (restart the relay if it changes)."""
+    def shape(self, rate_mbit, rtt_ms, one_way_ms=None):
+        """Set the rate (tbf both ways) and the delay (restart the relay if it changes). netem only:
+        ONE_WAY_MS is netem's delay in each direction (default RTT/2; check_once calibrates it)."""
+        if one_way_ms is None:
+            self.stack_ms = None
+            one_way_ms = rtt_ms / 2.0
+        self.one_way_ms = one_way_ms
         if self.rtt_ms is not None and rtt_ms != self.rtt_ms and not self.netem:
             # the TUN devices go with the relay; recreate the whole link
             self.up(rate_mbit, rtt_ms)
@@ -158,7 +165,7 @@ class Link:
                 # RTT/2 in netem at the root (a queue that never drops), then the rate: tbf as netem's
                 # child, with the same burst and byte queue as below
                 ns(n, "tc", "qdisc", "replace", "dev", d, "root", "handle", "1:", "netem", "delay",
-                   "%gms" % (rtt_ms / 2.0), "limit", "100000")
+                   "%.2fms" % one_way_ms, "limit", "100000")
                 ns(n, "tc", "qdisc", "replace", "dev", d, "parent", "1:1", "handle", "10:", "tbf", "rate",
                    "%dbit" % rate, "burst", str(burst), "limit", str(limit))
                 continue
@@ -220,12 +227,25 @@ class Link:
                 if r.returncode == 0:
                     break
                 time.sleep(0.1)
-            conn = []
-            for _ in range(7):
-                out = sh(*in_node("curl", "-s", "-o", "/dev/null", "-w", "%{time_connect}", small),
-                         capture=True)
-                conn.append(float(out) * 1000)
-                time.sleep(0.05)
+            def connects():
+                conn = []
+                for _ in range(7):
+                    out = sh(*in_node("curl", "-s", "-o", "/dev/null", "-w", "%{time_connect}", small),
+                             capture=True)
+                    conn.append(float(out) * 1000)
+                    time.sleep(0.05)
+                return conn
+
+            if self.netem and self.stack_ms is None:
+                # In the VM (QEMU TCG) the guest's own network stack, three namespaces and curl take
+                # about 10 ms per round trip, where the host takes under 1 ms. Measure it with no delay
+                # and give netem the rest, so that the node sees the RTT that was set.
+                self.shape(self.rate_mbit, self.rtt_ms, one_way_ms=0)
+                self.stack_ms = statistics.median(connects())
+                self.shape(self.rate_mbit, self.rtt_ms, one_way_ms=max(0.0, (self.rtt_ms - self.stack_ms) / 2))
+                log("guest stack RTT without delay %.1f ms: netem delay %.2f ms each way" % (
+                    self.stack_ms, self.one_way_ms))
+            conn = connects()
             rx0, tx0 = self.counters()
             t = time.monotonic()
             out = sh(*in_node("curl", "-s", "-o", "/dev/null", "-w", "%{size_download}", url), capture=True)
@@ -239,6 +259,8 @@ class Link:
                "rtt_samples_ms": [round(c, 2) for c in conn], "download_bytes": got, "download_seconds": dt,
                "goodput_mbit": got * 8 / dt / 1e6, "veth_rx_bytes": rx1 - rx0, "veth_tx_bytes": tx1 - tx0}
         res["goodput_ratio"] = res["goodput_mbit"] / self.rate_mbit
+        if self.netem:
+            res["stack_rtt_ms"], res["netem_one_way_ms"] = self.stack_ms, self.one_way_ms
         log("link check: RTT %.1f ms (set %d), download %.1f MB in %.2f s = %.2f Mbit/s (%.0f %% of %g), "
             "veth rx %.1f MB" % (res["rtt_measured_ms"], self.rtt_ms, got / 1e6, dt, res["goodput_mbit"],
                                  100 * res["goodput_ratio"], self.rate_mbit, res["veth_rx_bytes"] / 1e6))

@@ -775,6 +775,7 @@ def vm_run(a, work, meta, results):
     RESULTS. The host's work directory (the registry storage) is read-only in the guest."""
     with open(os.path.join(work, "vm.json"), "w") as f:
         json.dump({"convert": meta["convert"]}, f)
+    sh("tar", "-cf", os.path.join(work, "registry.tar"), "-C", os.path.join(work, "registry"), ".")
     argv = [sys.executable, os.path.abspath(__file__), "--guest", work, "--wisp", a.wisp, "--runs", str(a.runs),
             "--systems", a.systems]
     argv += ["--quick"] if a.quick else []
@@ -902,7 +903,8 @@ def main():
         warm = not a.quick and not a.no_warm
         images = sorted({WORKLOADS[w]["image"] + ":v1" for r, _ in links for w in workloads_at(r)}
                         | ({"python:v2"} if warm else set()))
-        log("filling the registry storage: corpus images and their wisp conversions")
+        if not a.guest:
+            log("filling the registry storage: corpus images and their wisp conversions")
         names = a.systems.split(",")
         # wisp+prefetch: the list of the python import, recorded once per run (unshaped)
         pf = [("python:v1", "python-import")] if WispPrefetch.name in names else []
@@ -912,7 +914,9 @@ def main():
             with open(os.path.join(a.guest, "vm.json")) as f:
                 meta["convert"] = json.load(f)["convert"]
             t = time.monotonic()
-            sh("cp", "-a", os.path.join(a.guest, "registry"), reg.root)
+            # one tar file: walking the storage's deep tree over 9p failed (lstat ENOENT on listed entries)
+            os.makedirs(reg.root)
+            sh("tar", "-xf", os.path.join(a.guest, "registry.tar"), "-C", reg.root)
             log("registry storage copied to %s in %.1f s" % (reg.root, time.monotonic() - t))
         else:
             meta["convert"] = reg.fill(a.wisp, images, prefetch=pf, nydus_bin=nydus_bin if want_nydus else None,

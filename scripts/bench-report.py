@@ -150,10 +150,11 @@ def main():
             med([s["latency_ms_max"] for s in st])))
     p("")
     p("Baseline phases (cold, median, seconds since start): " + "; ".join(
-        "%s: pull %.1f, unpack %.1f, mount %.1f" % (
+        "%s: pull %.1f, unpack %.1f, mount %.1f; the workload on the local tree (exit - mount) %.2f" % (
             k[2], med([r["phases_s"]["pull"] for r in sy["baseline"]]),
             med([r["phases_s"]["unpack"] for r in sy["baseline"]]),
-            med([r["phases_s"]["mount"] for r in sy["baseline"]]))
+            med([r["phases_s"]["mount"] for r in sy["baseline"]]),
+            med([r["exit_s"] - r["phases_s"]["mount"] for r in sy["baseline"]]))
         for k, sy, _ in summary if k[3] == "cold" and sy.get("baseline")) + ".")
     p("")
     nyd = [(k, sname, sy[sname]) for k, sy, _ in summary for sname in ("nydus", "nydus-amplify0") if sy.get(sname)]

@@ -793,11 +793,16 @@ def vm_run(a, work, meta, results):
                           str(VM_MEM_MIB), "--scratch-size", VM_SCRATCH, "--", *argv],
                          stdout=subprocess.PIPE, text=True, cwd=ROOT)
     res = None
-    for line in p.stdout:
-        if line.startswith("RESULT "):
-            res = json.loads(line[len("RESULT "):])
-        else:
-            sys.stderr.write(line)
+    try:
+        for line in p.stdout:
+            if line.startswith("RESULT "):
+                res = json.loads(line[len("RESULT "):])
+            else:
+                sys.stderr.write(line)
+    except BaseException:
+        p.terminate()   # vm-tests/run kills QEMU on TERM
+        p.wait()
+        raise
     rc = p.wait()
     if rc != 0 or res is None:
         raise RuntimeError("the run in the VM failed (vm-tests/run exit %d%s)" % (

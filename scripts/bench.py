@@ -294,12 +294,18 @@ WORKLOADS = {
                     "files": 1000, "http": False},
     "big-read": {"image": "bigfile", "desc": "read a 500 MiB file sequentially (first output: its first MiB)",
                  "read": "data/big.bin", "http": False},
+    "pysci-import": {"image": "pysci", "desc": "python3 -c 'import json, email; print(1)' in pysci:v1 "
+                     "(python3 + numpy, scipy, pandas: a larger image)",
+                     "argv": ["python3", "-c", PY_WORKLOAD], "http": False},
+    "numpy-import": {"image": "pysci", "desc": "python3 -c 'import numpy; print(numpy.arange(3).sum())' in pysci:v1",
+                     "argv": ["python3", "-c", "import numpy; print(numpy.arange(3).sum())"], "expect": "3",
+                     "http": False},
     "gcc-hello": {"image": "gcc", "desc": "gcc compiles hello.c, then runs it",
                   "argv": ["sh", "-c", "printf '%s\\n' '#include <stdio.h>' 'int main(void) { puts(\"hello\"); return 0; }' "
                            ">/tmp/hello.c && gcc -O0 -o /tmp/hello /tmp/hello.c && /tmp/hello"],
                   "expect": "hello", "http": False},
 }
-BENCH_IMAGES = ("gcc", "bigfile")   # built by scripts/bench-images, not the corpus
+BENCH_IMAGES = ("gcc", "bigfile", "pysci")   # built by scripts/bench-images, not the corpus
 SMALL_FILES = []
 
 
@@ -635,6 +641,8 @@ class Nydus:
 
 
 PREFETCH_SUFFIX = "-prefetch"
+# wisp+prefetch runs these workloads only: one list per image, recorded from this workload
+PREFETCH_WORKLOADS = ("python-import", "pysci-import")
 
 
 def record_prefetch(wisp, image, workload, work):
@@ -714,6 +722,57 @@ def series(results, **kw):
     return [r for r in results if all(r.get(k) == v for k, v in kw.items())]
 
 
+PARALLEL_SERIES = (   # --parallel: (name, arguments); each on its own namespaces and ports
+    ("5", ["--links", "5/50", "--workloads", "python-import,python-http"]),
+    ("5-pysci", ["--links", "5/50", "--workloads", "pysci-import"]),
+    ("100", ["--links", "100/10"]),
+)
+
+
+def run_parallel(a):
+    """The full run with its series at once, each as its own bench.py on its own link (namespaces
+    PREFIX-pN-*, registry port PORT+2N), then one report from the merged results. The series share
+    the CPUs, so CPU-bound steps (the baseline's unpack) are slower than alone; every ratio still
+    compares systems measured in the same series, one after another."""
+    work = tempfile.mkdtemp(prefix="wisp-bench-par.", dir="/var/tmp")
+    procs = []
+    for i, (name, extra) in enumerate(PARALLEL_SERIES):
+        argv = [sys.executable, os.path.abspath(__file__), "--wisp", a.wisp, "--runs", str(a.runs),
+                "--systems", a.systems, "--json", os.path.join(work, name + ".json"), "--out", work,
+                "--stem", "part-" + name, *extra]
+        argv += [x for d in a.daemon_arg for x in ("--daemon-arg", d)]
+        if a.no_warm:
+            argv.append("--no-warm")
+        env = dict(os.environ, WISP_BENCH_NS="%s-p%d" % (NS_PREFIX, i), WISP_BENCH_PORT=str(PORT + 2 * i))
+        logf = open(os.path.join(work, name + ".log"), "w")
+        log("series %s: %s (log %s)" % (name, " ".join(extra), logf.name))
+        procs.append((name, subprocess.Popen(argv, env=env, stdout=logf, stderr=subprocess.STDOUT)))
+        time.sleep(20)   # stagger the storage fills (conversions are CPU-bound)
+    bad = [name for name, p in procs if p.wait() != 0]
+    if bad:
+        raise SystemExit("bench: series %s failed (logs in %s)" % (", ".join(bad), work))
+    parts = [json.load(open(os.path.join(work, name + ".json"))) for name, _ in procs]
+    meta = dict(parts[0]["meta"])
+    meta["parallel_series"] = [{"series": name, "date": p["meta"]["date"], "load_start": p["meta"]["load_start"],
+                                "load_end": p["meta"]["load_end"], "args": extra}
+                               for (name, extra), p in zip(PARALLEL_SERIES, parts)]
+    meta["link_checks"] = [c for p in parts for c in p["meta"].get("link_checks", [])]
+    meta["convert"] = {k: v for p in parts for k, v in p["meta"].get("convert", {}).items()}
+    meta["load_start"] = max((p["meta"]["load_start"] for p in parts), key=lambda x: x[0])
+    meta["load_end"] = max((p["meta"]["load_end"] for p in parts), key=lambda x: x[0])
+    out = {"meta": meta, "results": [r for p in parts for r in p["results"]]}
+    if a.json:
+        with open(a.json + ".tmp", "w") as f:
+            json.dump(out, f, indent=1)
+        os.rename(a.json + ".tmp", a.json)
+    os.makedirs(a.out, exist_ok=True)
+    raw = os.path.join(a.out, (a.stem or "results") + ".json")
+    with open(raw, "w") as f:
+        json.dump(out, f, indent=1)
+    sh(sys.executable, os.path.join(HERE, "bench-report.py"), raw, a.out)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="python import at 5 Mbit/s, 3 runs each")
@@ -732,7 +791,12 @@ def main():
     ap.add_argument("--registry-no-idle-restart", action="store_true",
                     help="experiment: net.ipv4.tcp_slow_start_after_idle=0 on the registry's side")
     ap.add_argument("--stem", help="output name in --out (default results, or results-quick)")
+    ap.add_argument("--parallel", action="store_true",
+                    help="full run: each series (5 Mbit/s; 5 Mbit/s pysci; 100 Mbit/s) on its own link at once, "
+                         "then one report")
     a = ap.parse_args()
+    if a.parallel:
+        return run_parallel(a)
 
     work = tempfile.mkdtemp(prefix="wisp-bench.", dir="/var/tmp")
     link = Link(work)
@@ -781,15 +845,17 @@ def main():
             if a.quick:
                 return ["python-import"]
             if rate <= 5:
-                return ["python-import", "python-http"]
-            return ["python-import", "python-http", "node-http", "small-files", "big-read", "gcc-hello"]
+                return ["python-import", "python-http", "pysci-import"]
+            return ["python-import", "python-http", "node-http", "small-files", "big-read", "gcc-hello",
+                    "numpy-import"]
         warm = not a.quick and not a.no_warm
         images = sorted({WORKLOADS[w]["image"] + ":v1" for r, _ in links for w in workloads_at(r)}
                         | ({"python:v2"} if warm else set()))
         log("filling the registry storage: corpus images and their wisp conversions")
         names = a.systems.split(",")
-        # wisp+prefetch: the list of the python import, recorded once per run (unshaped)
-        pf = [("python:v1", "python-import")] if WispPrefetch.name in names else []
+        # wisp+prefetch: the list of each import workload, recorded once per run (unshaped)
+        pf = sorted({(WORKLOADS[w]["image"] + ":v1", w) for r, _ in links for w in workloads_at(r)
+                     if w in PREFETCH_WORKLOADS}) if WispPrefetch.name in names else []
         want_nydus = nydus_bin and any(n.startswith("nydus") for n in names)
         meta["convert"] = reg.fill(a.wisp, images, prefetch=pf, nydus_bin=nydus_bin if want_nydus else None, work=work)
         base, wsp = Baseline(work), Wisp(work, a.wisp, a.daemon_arg)
@@ -816,8 +882,8 @@ def main():
                 image = WORKLOADS[w]["image"] + ":v1"
                 for run in range(a.runs):
                     for s in systems:
-                        if s.name == WispPrefetch.name and w != "python-import":
-                            continue   # the list is the import's
+                        if s.name == WispPrefetch.name and w not in PREFETCH_WORKLOADS:
+                            continue   # the image's list is the import's
                         s.fresh()
                         try:
                             results.append(measure(s, image, w, link, "cold"))

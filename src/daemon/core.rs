@@ -119,6 +119,17 @@ impl Core {
         &self.cache
     }
 
+    /// Whether the object files under CACHE/objects are the node cache (the fanotify frontend), so
+    /// that their completeness records say what the node holds.
+    pub fn node_files(&self) -> bool {
+        self.node_files
+    }
+
+    /// Downloads `entry` from `stores` ahead of its first read ([`Fetcher::warm`]).
+    pub fn warm(&self, entry: &ObjectEntry, stores: &[Arc<dyn ObjectStore>]) -> bool {
+        self.fetcher.warm(entry, stores)
+    }
+
     fn objects(&self) -> MutexGuard<'_, HashMap<Digest, Needed>> {
         self.objects.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -319,6 +319,7 @@ impl Mounts {
                 left.push(d);
             }
         }
+        self.core.cache().flush();
         left
     }
 

@@ -248,7 +248,7 @@ class Registry:
                          "docker://127.0.0.1:%d/wisp/%s" % (HOST_PORT, i), "--plain-http", "--json", capture=True)
                 conv[i] = json.loads(out)
             for i, w in prefetch:
-                conv[i + PREFETCH_SUFFIX] = record_prefetch(wisp, i, w, self.root + "-profile")
+                conv[prefetch_tag(i, w)] = record_prefetch(wisp, i, w, self.root + "-profile")
             if nydus_bin:
                 for i in images:
                     conv["nydus:" + i] = prepare_nydus(nydus_bin, i, work)
@@ -324,7 +324,7 @@ def small_files(image):
         cands.sort()
         SMALL_FILES.extend(random.Random(9).sample(cands, WORKLOADS["small-files"]["files"]))
     return SMALL_FILES
-APP_PORT = 18080
+APP_PORT = 18000 + PORT % 1000   # the app's port: per run, since profiling runs use the host's namespace
 
 
 def run_workload(root, name, t0):
@@ -435,7 +435,10 @@ class Baseline:
 class Wisp:
     """`wisp mount` through the daemon (index over the link, files on demand), then the workload."""
     name = "wisp"
-    suffix = ""
+
+    def tag(self, image, workload):
+        """The wisp index image this system mounts for IMAGE and WORKLOAD (repository wisp/...)."""
+        return image
 
     def __init__(self, work, wisp, daemon_args=()):
         self.work = work
@@ -464,7 +467,7 @@ class Wisp:
     def start(self, image, workload, t0, pulled=False):
         mnt = os.path.join(self.dir, "mnt-" + image.replace(":", "-"))
         os.makedirs(mnt, exist_ok=True)
-        sh(self.wisp, "mount", "docker://%s/wisp/%s%s" % (REG, image, self.suffix), mnt, "--plain-http", "--state", self.state)
+        sh(self.wisp, "mount", "docker://%s/wisp/%s" % (REG, self.tag(image, workload)), mnt, "--plain-http", "--state", self.state)
         phases = {"mount": time.monotonic() - t0}
         try:
             first, end = run_workload(mnt, workload, t0)
@@ -640,9 +643,13 @@ class Nydus:
             self.dir = None
 
 
-PREFETCH_SUFFIX = "-prefetch"
-# wisp+prefetch runs these workloads only: one list per image, recorded from this workload
-PREFETCH_WORKLOADS = ("python-import", "pysci-import")
+# wisp+prefetch runs the application starts, each with the list recorded from that workload in its own
+# index image (wisp/IMAGE-prefetch-WORKLOAD); not the synthetic reads (small-files, big-read)
+PREFETCH_WORKLOADS = ("python-import", "python-http", "node-http", "gcc-hello", "pysci-import", "numpy-import")
+
+
+def prefetch_tag(image, workload):
+    return "%s-prefetch-%s" % (image, workload)
 
 
 def record_prefetch(wisp, image, workload, work):
@@ -674,17 +681,19 @@ def record_prefetch(wisp, image, workload, work):
     path = os.path.join(d, "prefetch.list")
     with open(path, "w") as f:
         f.write(listed)
-    out = sh(wisp, "convert", "docker://%s/%s" % (reg, image), "docker://%s/wisp/%s%s" % (reg, image, PREFETCH_SUFFIX),
+    out = sh(wisp, "convert", "docker://%s/%s" % (reg, image), "docker://%s/wisp/%s" % (reg, prefetch_tag(image, workload)),
              "--plain-http", "--json", "--prefetch", path, capture=True)
     log("prefetch list of %s (%s): %d files" % (image, workload, len(listed.splitlines())))
     return {"workload": workload, "files": len(listed.splitlines()), "convert": json.loads(out)}
 
 
 class WispPrefetch(Wisp):
-    """wisp with the startup prefetch list: mounts wisp/IMAGE-prefetch, whose list the profiling run
+    """wisp with the startup prefetch list: mounts wisp/IMAGE-prefetch-WORKLOAD, whose list the profiling run
     (record_prefetch) recorded; the daemon starts fetching the listed files as soon as it has mounted."""
     name = "wisp+prefetch"
-    suffix = PREFETCH_SUFFIX
+
+    def tag(self, image, workload):
+        return prefetch_tag(image, workload)
 
 
 def image_stats(st, image):
@@ -883,7 +892,7 @@ def main():
                 for run in range(a.runs):
                     for s in systems:
                         if s.name == WispPrefetch.name and w not in PREFETCH_WORKLOADS:
-                            continue   # the image's list is the import's
+                            continue   # no list for the synthetic reads
                         s.fresh()
                         try:
                             results.append(measure(s, image, w, link, "cold"))

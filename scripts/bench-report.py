@@ -73,6 +73,12 @@ def main():
           % (" --quick" if quick else "", meta["date"], meta["kernel"], meta["cpus"], meta["load_start"][0],
              meta["load_end"][0]))
         p("")
+        if meta.get("parallel_series"):
+            p("Run with `--parallel`: these series ran at the same time, each on its own shaped link (its own "
+              "namespaces and registry), sharing the CPUs; systems are compared within a series. " + "; ".join(
+                  "`%s` from %s (load %.1f to %.1f)" % (" ".join(x["args"]), x["date"], x["load_start"][0],
+                                                       x["load_end"][0]) for x in meta["parallel_series"]) + ".")
+        p("")
     p("Versions: " + ", ".join("%s `%s`" % kv for kv in meta.get("versions", {}).items()) + ".")
     p("")
     p("Nydus: %s." % meta.get("nydus", "skipped"))

@@ -299,7 +299,7 @@ class Registry:
                          "docker://127.0.0.1:%d/wisp/%s" % (HOST_PORT, i), "--plain-http", "--json", capture=True)
                 conv[i] = json.loads(out)
             for i, w in prefetch:
-                conv[i + PREFETCH_SUFFIX] = record_prefetch(wisp, i, w, self.root + "-profile")
+                conv[prefetch_tag(i, w)] = record_prefetch(wisp, i, w, self.root + "-profile")
             if nydus_bin:
                 for i in images:
                     conv["nydus:" + i] = prepare_nydus(nydus_bin, i, work)
@@ -345,12 +345,18 @@ WORKLOADS = {
                     "files": 1000, "http": False},
     "big-read": {"image": "bigfile", "desc": "read a 500 MiB file sequentially (first output: its first MiB)",
                  "read": "data/big.bin", "http": False},
+    "pysci-import": {"image": "pysci", "desc": "python3 -c 'import json, email; print(1)' in pysci:v1 "
+                     "(python3 + numpy, scipy, pandas: a larger image)",
+                     "argv": ["python3", "-c", PY_WORKLOAD], "http": False},
+    "numpy-import": {"image": "pysci", "desc": "python3 -c 'import numpy; print(numpy.arange(3).sum())' in pysci:v1",
+                     "argv": ["python3", "-c", "import numpy; print(numpy.arange(3).sum())"], "expect": "3",
+                     "http": False},
     "gcc-hello": {"image": "gcc", "desc": "gcc compiles hello.c, then runs it",
                   "argv": ["sh", "-c", "printf '%s\\n' '#include <stdio.h>' 'int main(void) { puts(\"hello\"); return 0; }' "
                            ">/tmp/hello.c && gcc -O0 -o /tmp/hello /tmp/hello.c && /tmp/hello"],
                   "expect": "hello", "http": False},
 }
-BENCH_IMAGES = ("gcc", "bigfile")   # built by scripts/bench-images, not the corpus
+BENCH_IMAGES = ("gcc", "bigfile", "pysci")   # built by scripts/bench-images, not the corpus
 SMALL_FILES = []
 
 
@@ -369,7 +375,7 @@ def small_files(image):
         cands.sort()
         SMALL_FILES.extend(random.Random(9).sample(cands, WORKLOADS["small-files"]["files"]))
     return SMALL_FILES
-APP_PORT = 18080
+APP_PORT = 18000 + PORT % 1000   # the app's port: per run, since profiling runs use the host's namespace
 
 
 def run_workload(root, name, t0):
@@ -480,7 +486,10 @@ class Baseline:
 class Wisp:
     """`wisp mount` through the daemon (index over the link, files on demand), then the workload."""
     name = "wisp"
-    suffix = ""
+
+    def tag(self, image, workload):
+        """The wisp index image this system mounts for IMAGE and WORKLOAD (repository wisp/...)."""
+        return image
 
     def __init__(self, work, wisp, daemon_args=()):
         self.work = work
@@ -509,7 +518,7 @@ class Wisp:
     def start(self, image, workload, t0, pulled=False):
         mnt = os.path.join(self.dir, "mnt-" + image.replace(":", "-"))
         os.makedirs(mnt, exist_ok=True)
-        sh(self.wisp, "mount", "docker://%s/wisp/%s%s" % (REG, image, self.suffix), mnt, "--plain-http", "--state", self.state)
+        sh(self.wisp, "mount", "docker://%s/wisp/%s" % (REG, self.tag(image, workload)), mnt, "--plain-http", "--state", self.state)
         phases = {"mount": time.monotonic() - t0}
         try:
             first, end = run_workload(mnt, workload, t0)
@@ -685,7 +694,13 @@ class Nydus:
             self.dir = None
 
 
-PREFETCH_SUFFIX = "-prefetch"
+# wisp+prefetch runs the application starts, each with the list recorded from that workload in its own
+# index image (wisp/IMAGE-prefetch-WORKLOAD); not the synthetic reads (small-files, big-read)
+PREFETCH_WORKLOADS = ("python-import", "python-http", "node-http", "gcc-hello", "pysci-import", "numpy-import")
+
+
+def prefetch_tag(image, workload):
+    return "%s-prefetch-%s" % (image, workload)
 
 
 def record_prefetch(wisp, image, workload, work):
@@ -717,17 +732,19 @@ def record_prefetch(wisp, image, workload, work):
     path = os.path.join(d, "prefetch.list")
     with open(path, "w") as f:
         f.write(listed)
-    out = sh(wisp, "convert", "docker://%s/%s" % (reg, image), "docker://%s/wisp/%s%s" % (reg, image, PREFETCH_SUFFIX),
+    out = sh(wisp, "convert", "docker://%s/%s" % (reg, image), "docker://%s/wisp/%s" % (reg, prefetch_tag(image, workload)),
              "--plain-http", "--json", "--prefetch", path, capture=True)
     log("prefetch list of %s (%s): %d files" % (image, workload, len(listed.splitlines())))
     return {"workload": workload, "files": len(listed.splitlines()), "convert": json.loads(out)}
 
 
 class WispPrefetch(Wisp):
-    """wisp with the startup prefetch list: mounts wisp/IMAGE-prefetch, whose list the profiling run
+    """wisp with the startup prefetch list: mounts wisp/IMAGE-prefetch-WORKLOAD, whose list the profiling run
     (record_prefetch) recorded; the daemon starts fetching the listed files as soon as it has mounted."""
     name = "wisp+prefetch"
-    suffix = PREFETCH_SUFFIX
+
+    def tag(self, image, workload):
+        return prefetch_tag(image, workload)
 
 
 def image_stats(st, image):
@@ -818,6 +835,57 @@ def vm_run(a, work, meta, results):
     results.extend(res["results"])
 
 
+PARALLEL_SERIES = (   # --parallel: (name, arguments); each on its own namespaces and ports
+    ("5", ["--links", "5/50", "--workloads", "python-import,python-http"]),
+    ("5-pysci", ["--links", "5/50", "--workloads", "pysci-import"]),
+    ("100", ["--links", "100/10"]),
+)
+
+
+def run_parallel(a):
+    """The full run with its series at once, each as its own bench.py on its own link (namespaces
+    PREFIX-pN-*, registry port PORT+2N), then one report from the merged results. The series share
+    the CPUs, so CPU-bound steps (the baseline's unpack) are slower than alone; every ratio still
+    compares systems measured in the same series, one after another."""
+    work = tempfile.mkdtemp(prefix="wisp-bench-par.", dir="/var/tmp")
+    procs = []
+    for i, (name, extra) in enumerate(PARALLEL_SERIES):
+        argv = [sys.executable, os.path.abspath(__file__), "--wisp", a.wisp, "--runs", str(a.runs),
+                "--systems", a.systems, "--json", os.path.join(work, name + ".json"), "--out", work,
+                "--stem", "part-" + name, *extra]
+        argv += [x for d in a.daemon_arg for x in ("--daemon-arg", d)]
+        if a.no_warm:
+            argv.append("--no-warm")
+        env = dict(os.environ, WISP_BENCH_NS="%s-p%d" % (NS_PREFIX, i), WISP_BENCH_PORT=str(PORT + 2 * i))
+        logf = open(os.path.join(work, name + ".log"), "w")
+        log("series %s: %s (log %s)" % (name, " ".join(extra), logf.name))
+        procs.append((name, subprocess.Popen(argv, env=env, stdout=logf, stderr=subprocess.STDOUT)))
+        time.sleep(20)   # stagger the storage fills (conversions are CPU-bound)
+    bad = [name for name, p in procs if p.wait() != 0]
+    if bad:
+        raise SystemExit("bench: series %s failed (logs in %s)" % (", ".join(bad), work))
+    parts = [json.load(open(os.path.join(work, name + ".json"))) for name, _ in procs]
+    meta = dict(parts[0]["meta"])
+    meta["parallel_series"] = [{"series": name, "date": p["meta"]["date"], "load_start": p["meta"]["load_start"],
+                                "load_end": p["meta"]["load_end"], "args": extra}
+                               for (name, extra), p in zip(PARALLEL_SERIES, parts)]
+    meta["link_checks"] = [c for p in parts for c in p["meta"].get("link_checks", [])]
+    meta["convert"] = {k: v for p in parts for k, v in p["meta"].get("convert", {}).items()}
+    meta["load_start"] = max((p["meta"]["load_start"] for p in parts), key=lambda x: x[0])
+    meta["load_end"] = max((p["meta"]["load_end"] for p in parts), key=lambda x: x[0])
+    out = {"meta": meta, "results": [r for p in parts for r in p["results"]]}
+    if a.json:
+        with open(a.json + ".tmp", "w") as f:
+            json.dump(out, f, indent=1)
+        os.rename(a.json + ".tmp", a.json)
+    os.makedirs(a.out, exist_ok=True)
+    raw = os.path.join(a.out, (a.stem or "results") + ".json")
+    with open(raw, "w") as f:
+        json.dump(out, f, indent=1)
+    sh(sys.executable, os.path.join(HERE, "bench-report.py"), raw, a.out)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="python import at 5 Mbit/s, 3 runs each")
@@ -841,7 +909,14 @@ def main():
                     help="run the series inside the vm-tests VM (6.1 kernel, cachefiles frontend)")
     ap.add_argument("--vm-timeout", type=int, default=5400, help="--vm: seconds before the VM is killed")
     ap.add_argument("--guest", metavar="HOST_WORK", help=argparse.SUPPRESS)   # --vm's run inside the VM
+    ap.add_argument("--parallel", action="store_true",
+                    help="full run: each series (5 Mbit/s; 5 Mbit/s pysci; 100 Mbit/s) on its own link at once, "
+                         "then one report")
     a = ap.parse_args()
+    if a.parallel and (a.vm or a.guest):
+        sys.exit("bench: --parallel is for the native run")
+    if a.parallel:
+        return run_parallel(a)
     if a.vm and a.link_only:
         sys.exit("bench: --link-only measures the native link; --vm checks its link in the guest before the runs")
     if a.vm or a.guest:
@@ -903,16 +978,18 @@ def main():
             if a.quick:
                 return ["python-import"]
             if rate <= 5:
-                return ["python-import", "python-http"]
-            return ["python-import", "python-http", "node-http", "small-files", "big-read", "gcc-hello"]
+                return ["python-import", "python-http", "pysci-import"]
+            return ["python-import", "python-http", "node-http", "small-files", "big-read", "gcc-hello",
+                    "numpy-import"]
         warm = not a.quick and not a.no_warm
         images = sorted({WORKLOADS[w]["image"] + ":v1" for r, _ in links for w in workloads_at(r)}
                         | ({"python:v2"} if warm else set()))
         if not a.guest:
             log("filling the registry storage: corpus images and their wisp conversions")
         names = a.systems.split(",")
-        # wisp+prefetch: the list of the python import, recorded once per run (unshaped)
-        pf = [("python:v1", "python-import")] if WispPrefetch.name in names else []
+        # wisp+prefetch: the list of each import workload, recorded once per run (unshaped)
+        pf = sorted({(WORKLOADS[w]["image"] + ":v1", w) for r, _ in links for w in workloads_at(r)
+                     if w in PREFETCH_WORKLOADS}) if WispPrefetch.name in names else []
         want_nydus = nydus_bin and any(n.startswith("nydus") for n in names)
         if a.guest:
             # the host filled the storage (and recorded the prefetch list): copy it onto /scratch
@@ -953,8 +1030,8 @@ def main():
                 image = WORKLOADS[w]["image"] + ":v1"
                 for run in range(a.runs):
                     for s in systems:
-                        if s.name == WispPrefetch.name and w != "python-import":
-                            continue   # the list is the import's
+                        if s.name == WispPrefetch.name and w not in PREFETCH_WORKLOADS:
+                            continue   # no list for the synthetic reads
                         s.fresh()
                         try:
                             results.append(measure(s, image, w, link, "cold"))

@@ -9,10 +9,12 @@
 //! kernel never reads a byte of an incomplete file without the daemon's permission (the pre-content
 //! mark), so partial files are harmless.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use anyhow::{Context, Result};
 use erofs::tree::Digest;
@@ -26,6 +28,35 @@ pub const COMPLETE_XATTR: &str = "user.wisp.complete";
 #[derive(Debug, Clone)]
 pub struct NodeCache {
     root: PathBuf,
+    records: Arc<Records>,
+}
+
+/// Objects written and verified whose completeness record is not durable yet.
+#[derive(Default)]
+struct Records {
+    state: Mutex<Pending>,
+    /// Signals new work to the recording thread, and a finished batch to [`NodeCache::flush`].
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Complete in memory, not yet recorded (queued or in the batch being recorded).
+    objects: HashSet<Digest>,
+    queue: Vec<Digest>,
+    thread: bool,
+}
+
+impl std::fmt::Debug for Records {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Records").finish_non_exhaustive()
+    }
+}
+
+impl Records {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl NodeCache {
@@ -34,7 +65,7 @@ impl NodeCache {
         for d in ["objects", "tmp"] {
             fs::create_dir_all(root.join(d)).with_context(|| format!("creating {}", root.join(d).display()))?;
         }
-        Ok(NodeCache { root: root.to_owned() })
+        Ok(NodeCache { root: root.to_owned(), records: Arc::default() })
     }
 
     pub fn root(&self) -> &Path {
@@ -77,8 +108,12 @@ impl NodeCache {
         Ok(false)
     }
 
-    /// Whether the object file carries the completeness record for its digest.
+    /// Whether the object is complete: its file carries the completeness record for its digest, or it
+    /// was filled and its record is being written ([`NodeCache::complete_later`]).
     pub fn is_complete(&self, digest: &Digest) -> bool {
+        if self.records.lock().objects.contains(digest) {
+            return true;
+        }
         let Ok(f) = File::open(self.path(digest)) else { return false };
         let mut buf = [0u8; 64];
         match rustix::fs::fgetxattr(&f, COMPLETE_XATTR, &mut buf) {
@@ -87,9 +122,68 @@ impl NodeCache {
         }
     }
 
-    /// Records that the object file holds its whole verified content: fsync, then the xattr (itself
-    /// made durable by a second fsync). Opening read-only and fsync raise no pre-content events.
-    pub fn mark_complete(&self, digest: &Digest) -> io::Result<()> {
+    /// Records, in the background, that the object file holds its whole verified content (written,
+    /// not necessarily on disk yet). It counts as complete from now on; the record itself is made
+    /// durable by the recording thread: fsync of the file, then the xattr, then a sync of the file
+    /// system once per batch. So a record never reaches the disk before the data it vouches for.
+    pub fn complete_later(&self, digest: &Digest) {
+        let mut p = self.records.lock();
+        if !p.objects.insert(*digest) {
+            return;
+        }
+        p.queue.push(*digest);
+        if !p.thread {
+            let me = self.clone();
+            match std::thread::Builder::new().name("wisp-records".into()).spawn(move || me.record_loop()) {
+                Ok(_) => p.thread = true,
+                Err(e) => tracing::error!(error = %e, "cannot start the thread that records complete objects"),
+            }
+        }
+        self.records.cv.notify_all();
+    }
+
+    /// Waits until every object passed to [`NodeCache::complete_later`] is recorded durably (or its
+    /// recording failed, which the log says).
+    pub fn flush(&self) {
+        let mut p = self.records.lock();
+        while p.thread && !p.objects.is_empty() {
+            p = self.records.cv.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn record_loop(&self) {
+        loop {
+            let batch = {
+                let mut p = self.records.lock();
+                while p.queue.is_empty() {
+                    p = self.records.cv.wait(p).unwrap_or_else(|e| e.into_inner());
+                }
+                std::mem::take(&mut p.queue)
+            };
+            for d in &batch {
+                if let Err(e) = self.record(d) {
+                    tracing::error!(object = %hex::encode(d), error = %e, "recording a complete object (it will be fetched again)");
+                }
+            }
+            match File::open(&self.root) {
+                Ok(dir) => {
+                    if let Err(e) = rustix::fs::syncfs(&dir) {
+                        tracing::error!(error = %e, "syncing the node cache's file system");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "opening the node cache"),
+            }
+            let mut p = self.records.lock();
+            for d in &batch {
+                p.objects.remove(d);
+            }
+            self.records.cv.notify_all();
+        }
+    }
+
+    /// Writes the completeness record of one object: fsync of its data, then the xattr. Opening
+    /// read-only and fsync raise no pre-content events.
+    fn record(&self, digest: &Digest) -> io::Result<()> {
         let f = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOATIME)
@@ -97,7 +191,7 @@ impl NodeCache {
             .or_else(|_| File::open(self.path(digest)))?;
         f.sync_all()?;
         rustix::fs::fsetxattr(&f, COMPLETE_XATTR, hex::encode(digest).as_bytes(), rustix::fs::XattrFlags::empty())?;
-        f.sync_all()
+        Ok(())
     }
 }
 
@@ -113,8 +207,13 @@ mod tests {
         assert!(!c.prepare(&d, 5000).unwrap());
         assert_eq!(fs::metadata(c.path(&d)).unwrap().len(), 8192);
         assert!(!c.is_complete(&d));
-        c.mark_complete(&d).unwrap();
-        assert!(c.is_complete(&d));
+        c.complete_later(&d);
+        assert!(c.is_complete(&d), "complete in memory at once");
+        c.flush();
+        assert!(c.records.lock().objects.is_empty());
+        // recorded on the file: a fresh view of the same directory (a restarted worker) sees it
+        let again = NodeCache::open(dir.path()).unwrap();
+        assert!(again.is_complete(&d));
         assert!(c.prepare(&d, 5000).unwrap());
         // a wrong size is not trusted
         assert!(!c.prepare(&d, 9000).unwrap());

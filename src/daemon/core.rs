@@ -119,6 +119,17 @@ impl Core {
         &self.cache
     }
 
+    /// Whether the object files under CACHE/objects are the node cache (the fanotify frontend), so
+    /// that their completeness records say what the node holds.
+    pub fn node_files(&self) -> bool {
+        self.node_files
+    }
+
+    /// Downloads `entry` from `stores` ahead of its first read ([`Fetcher::warm`]).
+    pub fn warm(&self, entry: &ObjectEntry, stores: &[Arc<dyn ObjectStore>]) -> bool {
+        self.fetcher.warm(entry, stores)
+    }
+
     fn objects(&self) -> MutexGuard<'_, HashMap<Digest, Needed>> {
         self.objects.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -253,10 +264,9 @@ impl Backend for Core {
             if !self.node_files {
                 return Ok(());
             }
-            self.cache.mark_complete(&h.entry.digest).map_err(|e| {
-                tracing::error!(object = %hex::encode(h.entry.digest), error = %e, "recording a complete object");
-                Errno::EIO
-            })
+            // Verified bytes are written: the reader may go on. The durable record follows off this path.
+            self.cache.complete_later(&h.entry.digest);
+            Ok(())
         });
         let ms = start.elapsed().as_secs_f64() * 1e3;
         if let Some(s) = self.stats().get_mut(&h.charge) {

@@ -10,7 +10,8 @@ use std::fs::File;
 use std::io::{Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use erofs::tree::Digest;
@@ -29,6 +30,13 @@ const SPOOL_ABOVE: u64 = 64 << 20;
 /// request came up to 2.6 s after the first failed in the TCG guest at host load 14, hence 3 s; a
 /// reader retrying after that (the store fixed, the registry back) gets a fresh fetch.
 pub const FAILURE_HOLD: Duration = Duration::from_secs(3);
+
+/// How long an object downloaded ahead of its first read ([`Fetcher::warm`]) waits for that read.
+pub const WARM_HOLD: Duration = Duration::from_secs(120);
+
+/// At most this many bytes of content downloaded ahead wait in memory (or spool files) at once; a warm
+/// download beyond it is dropped after its waiters got it (the fill will download it again).
+pub const WARM_LIMIT: u64 = 256 << 20;
 
 /// Fetcher settings.
 #[derive(Debug, Clone)]
@@ -100,6 +108,10 @@ type Outcome = Result<Arc<Content>, Errno>;
 struct Flight {
     done: Mutex<Option<Outcome>>,
     cv: Condvar,
+    /// Started by [`Fetcher::warm`].
+    warm: bool,
+    /// A `get` joined this warm flight and counts as its fetch.
+    claimed: AtomicBool,
 }
 
 /// Single-flight, bounded, retrying object downloads.
@@ -108,6 +120,8 @@ pub struct Fetcher {
     flights: Mutex<HashMap<Digest, Arc<Flight>>>,
     /// Objects whose last flight failed: when it ended, and its error ([`FAILURE_HOLD`]).
     failed: Mutex<HashMap<Digest, (Instant, Errno)>>,
+    /// Verified content downloaded ahead of its first read, taken by the first [`Fetcher::get`].
+    ready: Mutex<Ready>,
     slots: Mutex<usize>,
     slot_cv: Condvar,
 }
@@ -115,6 +129,28 @@ pub struct Fetcher {
 impl std::fmt::Debug for Fetcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fetcher").field("opts", &self.opts).finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Ready {
+    held: HashMap<Digest, (Instant, Arc<Content>, u64)>,
+    bytes: u64,
+}
+
+impl Ready {
+    fn take(&mut self, digest: &Digest) -> Option<Arc<Content>> {
+        let (_, c, n) = self.held.remove(digest)?;
+        self.bytes -= n;
+        Some(c)
+    }
+
+    fn expire(&mut self) {
+        let before = self.held.len();
+        self.held.retain(|_, (at, _, _)| at.elapsed() < WARM_HOLD);
+        if self.held.len() != before {
+            self.bytes = self.held.values().map(|(_, _, n)| n).sum();
+        }
     }
 }
 
@@ -133,6 +169,7 @@ impl Fetcher {
             opts,
             flights: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
+            ready: Mutex::new(Ready::default()),
             slots: Mutex::new(0),
             slot_cv: Condvar::new(),
         }
@@ -140,42 +177,97 @@ impl Fetcher {
 
     /// The verified content of `entry`, from the first of `stores` that has it.
     pub fn get(&self, entry: &ObjectEntry, stores: &[Arc<dyn ObjectStore>]) -> (Outcome, Joined) {
+        self.flight(entry, stores, false).unwrap_or((Err(Errno::EIO), Joined::Shared))
+    }
+
+    /// Downloads `entry` ahead of its first read (the startup prefetch list, while the mount is still
+    /// being set up) and holds the verified content for the first [`Fetcher::get`] of it, for up to
+    /// [`WARM_HOLD`]. A `get` that comes while the download runs joins it, and counts as its fetch.
+    /// Returns whether this call downloaded it (false when it is held or in flight already, when
+    /// [`WARM_LIMIT`] bytes are held, or when the download failed).
+    pub fn warm(&self, entry: &ObjectEntry, stores: &[Arc<dyn ObjectStore>]) -> bool {
+        matches!(self.flight(entry, stores, true), Some((Ok(_), Joined::Fetched)))
+    }
+
+    fn ready(&self) -> MutexGuard<'_, Ready> {
+        self.ready.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Joins the flight of `entry` or leads a new one; `None` when a warm call finds nothing to do.
+    ///
+    /// Content downloaded ahead waits in `ready`. A warm leader puts it there before it ends its
+    /// flight, and a `get` looks there only under the flights lock when it finds no flight, so a `get`
+    /// either joins the flight or finds the content: it never downloads an object held or in flight.
+    fn flight(&self, entry: &ObjectEntry, stores: &[Arc<dyn ObjectStore>], warm: bool) -> Option<(Outcome, Joined)> {
         {
             let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
             match failed.get(&entry.digest) {
-                Some(&(at, errno)) if at.elapsed() < FAILURE_HOLD => return (Err(errno), Joined::Shared),
+                Some(_) if warm => return None,
+                Some(&(at, errno)) if at.elapsed() < FAILURE_HOLD => return Some((Err(errno), Joined::Shared)),
                 Some(_) => {
                     failed.remove(&entry.digest);
                 }
                 None => {}
             }
         }
-        let (flight, leader) = {
+        let (flight, claimed) = {
             let mut map = self.flights.lock().unwrap_or_else(|p| p.into_inner());
             match map.get(&entry.digest) {
-                Some(f) => (Arc::clone(f), false),
+                Some(_) if warm => return None,
+                // The first `get` joining a download started ahead is the one that uses it.
+                Some(f) => (Arc::clone(f), Some(f.warm && !f.claimed.swap(true, Ordering::SeqCst))),
                 None => {
-                    let f = Arc::new(Flight { done: Mutex::new(None), cv: Condvar::new() });
+                    let mut ready = self.ready();
+                    ready.expire();
+                    if warm && (ready.held.contains_key(&entry.digest) || ready.bytes >= WARM_LIMIT) {
+                        return None;
+                    }
+                    if let Some(c) = ready.take(&entry.digest) {
+                        // Downloaded ahead; this is its first use, so it counts as this call's fetch.
+                        return Some((Ok(c), Joined::Fetched));
+                    }
+                    drop(ready);
+                    let f = Arc::new(Flight {
+                        done: Mutex::new(None),
+                        cv: Condvar::new(),
+                        warm,
+                        claimed: AtomicBool::new(false),
+                    });
                     map.insert(entry.digest, Arc::clone(&f));
-                    (f, true)
+                    (f, None)
                 }
             }
         };
-        if !leader {
+        if let Some(claimed) = claimed {
             let mut done = flight.done.lock().unwrap_or_else(|p| p.into_inner());
             while done.is_none() {
                 done = flight.cv.wait(done).unwrap_or_else(|p| p.into_inner());
             }
-            return (done.clone().expect("set"), Joined::Shared);
+            let outcome = done.clone().expect("set");
+            drop(done);
+            if claimed {
+                // The leader may have put it in `ready` before this call claimed it.
+                self.ready().take(&entry.digest);
+                return Some((outcome, Joined::Fetched));
+            }
+            return Some((outcome, Joined::Shared));
         }
         let outcome = self.download(entry, stores);
-        if let Err(errno) = &outcome {
-            self.failed.lock().unwrap_or_else(|p| p.into_inner()).insert(entry.digest, (Instant::now(), *errno));
+        match &outcome {
+            Err(errno) => {
+                self.failed.lock().unwrap_or_else(|p| p.into_inner()).insert(entry.digest, (Instant::now(), *errno));
+            }
+            Ok(c) if warm && !flight.claimed.load(Ordering::SeqCst) => {
+                let mut ready = self.ready();
+                ready.bytes += entry.size;
+                ready.held.insert(entry.digest, (Instant::now(), Arc::clone(c), entry.size));
+            }
+            Ok(_) => {}
         }
         *flight.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.clone());
         flight.cv.notify_all();
         self.flights.lock().unwrap_or_else(|p| p.into_inner()).remove(&entry.digest);
-        (outcome, Joined::Fetched)
+        Some((outcome, Joined::Fetched))
     }
 
     fn download(&self, entry: &ObjectEntry, stores: &[Arc<dyn ObjectStore>]) -> Outcome {
@@ -295,6 +387,33 @@ mod tests {
         }
     }
 
+    /// A store whose open says it started, then waits for a go (one open only).
+    struct Gated {
+        data: Vec<u8>,
+        started: Mutex<mpsc::Sender<()>>,
+        go: Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl ObjectStore for Gated {
+        fn describe(&self) -> String {
+            "gated".into()
+        }
+        fn lookup(&self, _: &Digest, _: u64) -> anyhow::Result<Option<ObjectEntry>> {
+            Ok(None)
+        }
+        fn put(&self, _: &ObjectEntry, _: &Path) -> anyhow::Result<bool> {
+            Ok(false)
+        }
+        fn open(&self, _: &ObjectEntry) -> anyhow::Result<Box<dyn std::io::Read + Send>> {
+            self.started.lock().unwrap().send(())?;
+            self.go.lock().unwrap().recv()?;
+            Ok(Box::new(std::io::Cursor::new(self.data.clone())))
+        }
+        fn staging_parent(&self) -> Option<PathBuf> {
+            None
+        }
+    }
+
     fn entry_of(data: &[u8]) -> ObjectEntry {
         use sha2::Digest as _;
         let d: Digest = sha2::Sha256::digest(data).into();
@@ -363,6 +482,52 @@ mod tests {
         let store: Arc<dyn ObjectStore> = Arc::new(Flaky { data, fail: 0, opens: AtomicU32::new(0) });
         let f = Fetcher::new(opts(2));
         assert_eq!(f.get(&e, &[store]).0.unwrap_err(), Errno::EIO);
+    }
+
+    /// Content downloaded ahead is handed to the first `get` (counted as its fetch) without a second
+    /// download; a `get` joining a warm download in flight counts as the fetch too, and nothing is
+    /// left held after it.
+    #[test]
+    fn warm_then_get() {
+        let data = b"warm bytes".repeat(50);
+        let flaky = Arc::new(Flaky { data: data.clone(), fail: 0, opens: AtomicU32::new(0) });
+        let store: Arc<dyn ObjectStore> = flaky.clone();
+        let f = Arc::new(Fetcher::new(opts(1)));
+        let e = entry_of(&data);
+        assert!(f.warm(&e, &[Arc::clone(&store)]));
+        assert!(!f.warm(&e, &[Arc::clone(&store)]), "already held");
+        let (r, j) = f.get(&e, &[Arc::clone(&store)]);
+        assert!(matches!(&*r.unwrap(), Content::Memory(v) if *v == data));
+        assert_eq!(j, Joined::Fetched);
+        assert_eq!(flaky.opens.load(Ordering::SeqCst), 1);
+        // Taken: the next get downloads again.
+        assert_eq!(f.get(&e, &[Arc::clone(&store)]).1, Joined::Fetched);
+        assert_eq!(flaky.opens.load(Ordering::SeqCst), 2);
+
+        // A get while the warm download runs joins it (or, if it comes after, takes the held content).
+        let data2 = b"second object".repeat(10);
+        let (started_tx, started_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel();
+        let gated = Arc::new(Gated { data: data2.clone(), started: Mutex::new(started_tx), go: Mutex::new(go_rx) });
+        let store2: Arc<dyn ObjectStore> = gated;
+        let e2 = entry_of(&data2);
+        let warm = {
+            let (f, s) = (Arc::clone(&f), Arc::clone(&store2));
+            std::thread::spawn(move || f.warm(&e2, &[s]))
+        };
+        started_rx.recv().unwrap();
+        let get = {
+            let (f, s) = (Arc::clone(&f), Arc::clone(&store2));
+            std::thread::spawn(move || f.get(&e2, &[s]))
+        };
+        go_tx.send(()).unwrap();
+        drop(go_tx); // a second download would fail instead of waiting
+        assert!(warm.join().unwrap());
+        let (r, j) = get.join().unwrap();
+        assert!(matches!(&*r.unwrap(), Content::Memory(v) if *v == data2));
+        assert_eq!(j, Joined::Fetched);
+        assert!(started_rx.try_recv().is_err(), "one download only");
+        assert!(f.ready().held.is_empty(), "a claimed warm download is not held");
     }
 
     /// A request right after a failed flight gets its error without a new download; after

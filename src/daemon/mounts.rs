@@ -166,6 +166,9 @@ impl Mounts {
             Some(dir) => images::from_local(&self.state, dir, &spec)?,
             None => images::pull(&self.state, &spec)?,
         });
+        self.prefetch.warm(&id, &self.core, &img);
+        // A mount that fails from here on stops those downloads.
+        let mut warming = StopOnDrop(Some((&self.prefetch, &id)));
         let mdir = self.mounts_dir().join(&id);
         let (upper, work, own) = match (&req.upper, &req.work, req.lower_only) {
             (None, None, true) => (PathBuf::new(), PathBuf::new(), false),
@@ -213,6 +216,8 @@ impl Mounts {
             "id": id, "image": img.id, "dir": rec.dir, "upper": rec.upper, "objects": img.devices.len(),
             "content_bytes": img.content_bytes(), "stored_bytes": img.stored_bytes(), "frontend": self.kind().name(), "fsid": rec.fsid,
         });
+        warming.0 = None;
+        drop(warming);
         self.prefetch.start(&id, &rec.lower, &img, &self.core);
         self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (rec, img));
         Ok(out)
@@ -314,6 +319,7 @@ impl Mounts {
                 left.push(d);
             }
         }
+        self.core.cache().flush();
         left
     }
 
@@ -328,5 +334,16 @@ impl Mounts {
     /// The mounts, for `status`.
     pub fn list(&self) -> Vec<MountRecord> {
         self.live.lock().unwrap_or_else(|p| p.into_inner()).values().map(|(r, _)| r.clone()).collect()
+    }
+}
+
+/// Stops the prefetch of a mount that failed half-way (see [`Mounts::mount`]).
+struct StopOnDrop<'a>(Option<(&'a super::prefetch::Prefetches, &'a str)>);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some((p, key)) = self.0.take() {
+            p.stop(key);
+        }
     }
 }

@@ -4,6 +4,8 @@
 //! * Recording: the core keeps, per mount, the order in which objects were filled. [`accessed`] maps
 //!   those digests to paths of the image (the first path naming each object, from the EROFS index) at
 //!   request time, off the fill path.
+//! * Ahead of the mount: [`Prefetches::warm`] downloads the listed objects while the mount is set up, and
+//!   the fetcher holds them for their first fill.
 //! * Prefetch: [`Prefetches::start`] runs a few threads that each read one byte of the next listed
 //!   file through the mounted EROFS lower. That raises the ordinary pre-content event, so the ordinary
 //!   verified fill does the work, whatever the frontend. They use at most [`PARALLEL`] of the fill
@@ -62,6 +64,19 @@ pub fn accessed(core: &Core, key: &str, img: &Image) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The listed files of `img` whose object is not complete yet (first listing of each object), as
+/// (path in the image, object).
+fn listed(core: &Core, img: &Image) -> Result<Vec<(Vec<u8>, Digest)>> {
+    let (by_path, _) = objects_of(img)?;
+    let mut seen = std::collections::HashSet::new();
+    Ok(img
+        .prefetch
+        .iter()
+        .filter_map(|p| by_path.get(p.as_slice()).map(|d| (p.clone(), *d)))
+        .filter(|(_, d)| seen.insert(*d) && !core.cache().is_complete(d))
+        .collect())
+}
+
 struct Running {
     cancel: Arc<AtomicBool>,
     thread: JoinHandle<()>,
@@ -71,6 +86,8 @@ struct Running {
 #[derive(Default)]
 pub struct Prefetches {
     running: Mutex<HashMap<String, Running>>,
+    /// Cancel flags of the downloads ahead of the mount ([`Prefetches::warm`]).
+    warming: Mutex<HashMap<String, Arc<AtomicBool>>>,
 }
 
 impl std::fmt::Debug for Prefetches {
@@ -106,9 +123,63 @@ impl Prefetches {
         }
     }
 
+    /// Starts downloading the listed objects of `img` that the node cache lacks, [`PARALLEL`] at a time,
+    /// before the image is mounted: the fetcher holds each verified object for its first fill
+    /// ([`super::fetcher::Fetcher::warm`]), so the downloads overlap the mount's local set-up (object
+    /// files, marks, the EROFS mount with one device per object). Only for the fanotify frontend, whose
+    /// node cache says which objects are complete; returns at once. [`Prefetches::stop`] ends it.
+    pub fn warm(&self, key: &str, core: &Arc<Core>, img: &Arc<Image>) {
+        if img.prefetch.is_empty() || !core.node_files() {
+            return;
+        }
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.warming.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_owned(), Arc::clone(&cancel));
+        let (core, img) = (Arc::clone(core), Arc::clone(img));
+        let spawned = std::thread::Builder::new().name("wisp-warm".into()).spawn(move || {
+            let todo = match listed(&core, &img) {
+                Ok(t) => t,
+                Err(e) => return tracing::warn!(error = %format!("{e:#}"), "reading the prefetch list"),
+            };
+            let entries: HashMap<Digest, crate::oci::objmap::ObjectEntry> =
+                img.devices.iter().map(|e| (e.digest, *e)).collect();
+            let todo: Vec<_> = todo.into_iter().filter_map(|(_, d)| entries.get(&d).copied()).collect();
+            let (next, done) = (AtomicUsize::new(0), AtomicUsize::new(0));
+            let stores = [Arc::clone(&img.store)];
+            let start = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..PARALLEL.min(todo.len()) {
+                    s.spawn(|| {
+                        while let Some(e) = todo.get(next.fetch_add(1, Ordering::Relaxed)) {
+                            if cancel.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            if core.warm(e, &stores) {
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+            tracing::info!(
+                image = %img.spec.reference,
+                listed = todo.len(),
+                downloaded = done.load(Ordering::Relaxed),
+                secs = start.elapsed().as_secs_f64(),
+                "prefetch list downloaded ahead of the fills"
+            );
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the prefetch downloads");
+        }
+    }
+
     /// Stops the prefetch of `key`: no further file is started, and the reads in flight (at most
-    /// [`PARALLEL`], one object each) are waited for, so that the lower can be unmounted.
+    /// [`PARALLEL`], one object each) are waited for, so that the lower can be unmounted. The downloads
+    /// ahead of the mount start no further object either (those in flight end on their own).
     pub fn stop(&self, key: &str) {
+        if let Some(c) = self.warming.lock().unwrap_or_else(|p| p.into_inner()).remove(key) {
+            c.store(true, Ordering::Relaxed);
+        }
         let r = self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
         if let Some(r) = r {
             r.cancel.store(true, Ordering::Relaxed);
@@ -118,15 +189,9 @@ impl Prefetches {
 }
 
 fn run(core: &Core, key: &str, lower: &Path, img: &Image, cancel: &AtomicBool) -> Result<()> {
-    let (by_path, _) = objects_of(img)?;
-    // Only listed files whose object is not complete yet, first listing of each object.
-    let mut seen = std::collections::HashSet::new();
-    let todo: Vec<(PathBuf, Digest)> = img
-        .prefetch
-        .iter()
-        .filter_map(|p| by_path.get(p.as_slice()).map(|d| (p, *d)))
-        .filter(|(_, d)| seen.insert(*d) && !core.cache().is_complete(d))
-        .map(|(p, d)| (lower.join(std::ffi::OsStr::from_bytes(p.strip_prefix(b"/").unwrap_or(p))), d))
+    let todo: Vec<(PathBuf, Digest)> = listed(core, img)?
+        .into_iter()
+        .map(|(p, d)| (lower.join(std::ffi::OsStr::from_bytes(p.strip_prefix(b"/").unwrap_or(&p))), d))
         .collect();
     core.prefetch_listed(key, todo.len() as u64);
     let next = AtomicUsize::new(0);

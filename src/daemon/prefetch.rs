@@ -206,7 +206,8 @@ fn run(core: &Core, key: &str, lower: &Path, img: &Image, cancel: &AtomicBool) -
                 // One byte raises the pre-content event; the fill writes the whole object.
                 let r = std::fs::File::open(path).and_then(|mut f| f.read(&mut [0u8; 1]));
                 match r {
-                    Ok(_) if core.cache().is_complete(digest) => core.count_prefetched(key),
+                    // cachefiles keeps no completeness record of ours: a read that succeeded was filled.
+                    Ok(_) if !core.node_files() || core.cache().is_complete(digest) => core.count_prefetched(key),
                     Ok(_) => {}
                     Err(e) => tracing::debug!(path = %path.display(), error = %e, "prefetch read"),
                 }

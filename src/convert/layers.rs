@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use erofs::tree::{Extent, FileData, InodeId};
 use erofs::writer::MemorySource;
 
-use super::workers::{stream_to, Pool};
+use super::workers::{self, stream_to, Pool};
 use crate::oci::types::Descriptor;
 use crate::oci::Repo;
 use crate::tree::entry::{self, EntryKind};
@@ -180,9 +180,18 @@ fn apply_layer(
                     }
                     Some((FileData::Inline { size, extents, source }, None))
                 } else {
-                    let (id, tx) = pool.submit(size, format!("entry {name}"));
-                    stream_to(&mut content, size, tx)
-                        .with_context(|| format!("entry {name}: reading its content from the {kind} stream"))?;
+                    let id = if size <= workers::SPILL as u64 {
+                        let mut buf = vec![0u8; usize::try_from(size).expect("at most SPILL")];
+                        content
+                            .read_exact(&mut buf)
+                            .with_context(|| format!("entry {name}: reading its content from the {kind} stream"))?;
+                        pool.submit_bytes(size, format!("entry {name}"), buf)
+                    } else {
+                        let (id, tx) = pool.submit(size, format!("entry {name}"));
+                        stream_to(&mut content, size, tx)
+                            .with_context(|| format!("entry {name}: reading its content from the {kind} stream"))?;
+                        id
+                    };
                     Some((FileData::External { size, digest: [0; 32] }, Some(id)))
                 }
             }

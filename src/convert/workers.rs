@@ -26,7 +26,7 @@ const JOB_QUEUE: usize = 8;
 /// Size of the chunks the reader sends.
 pub const CHUNK: usize = 256 << 10;
 /// Files up to this size are fingerprinted in memory; larger ones spill to a staging file.
-const SPILL: usize = 4 << 20;
+pub const SPILL: usize = 4 << 20;
 
 /// What became of one distinct object.
 #[derive(Debug, Clone)]
@@ -60,6 +60,10 @@ pub struct JobResult {
 pub struct Pool {
     jobs: Option<SyncSender<FileJob>>,
     results: Receiver<JobResult>,
+    /// For files the reading thread fingerprints itself ([`Pool::submit_bytes`]).
+    res_tx: mpsc::Sender<JobResult>,
+    own_zctx: Option<zstd::bulk::Compressor<'static>>,
+    own_dir: io::Result<PathBuf>,
     threads: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
     next: usize,
@@ -111,7 +115,10 @@ impl Pool {
                     .expect("spawning a worker thread")
             })
             .collect();
-        Pool { jobs: Some(jobs_tx), results, threads, shared, next: 0 }
+        let own_dir = staging.join("reader");
+        let own_dir = std::fs::create_dir_all(&own_dir).map(|()| own_dir);
+        let own_zctx = zstd::bulk::Compressor::new(shared.opts.level).ok();
+        Pool { jobs: Some(jobs_tx), results, res_tx, own_zctx, own_dir, threads, shared, next: 0 }
     }
 
     /// Starts a file of `size` bytes; send its bytes through the returned sender, then drop it.
@@ -123,6 +130,30 @@ impl Pool {
         // Workers only exit when the queue closes, so this send succeeds.
         self.jobs.as_ref().expect("pool is open").send(job).expect("workers are running");
         (id, tx)
+    }
+
+    /// Starts a file whose `size` bytes (at most [`SPILL`]) are already read into `buf`. When every
+    /// worker is busy and the queue is full, the calling (reading) thread fingerprints and stages it
+    /// itself instead of waiting: on two cores, a reader that blocks leaves a core to two workers
+    /// while the reader, the conversion's critical path, sits idle.
+    pub fn submit_bytes(&mut self, size: u64, what: String, buf: Vec<u8>) -> usize {
+        debug_assert!(buf.len() as u64 == size && buf.len() <= SPILL);
+        let id = self.next;
+        self.next += 1;
+        let (tx, rx) = mpsc::sync_channel(1);
+        tx.send(buf).expect("the receiver is alive");
+        drop(tx);
+        let job = FileJob { id, size, what, chunks: rx };
+        let job = match self.jobs.as_ref().expect("pool is open").try_send(job) {
+            Ok(()) => return id,
+            Err(mpsc::TrySendError::Full(j) | mpsc::TrySendError::Disconnected(j)) => j,
+        };
+        let result = match &self.own_dir {
+            Ok(dir) => run_job(&self.shared, dir, job, self.own_zctx.as_mut()),
+            Err(e) => Err(anyhow::anyhow!("creating a staging directory: {e}")),
+        };
+        let _ = self.res_tx.send(JobResult { id, result });
+        id
     }
 
     /// Results that are ready now.

@@ -280,17 +280,11 @@ fn stage(
 }
 
 /// Sends `size` bytes of `r` in chunks; a closed channel (the worker failed) stops early without error
-/// (the worker reports why).
+/// (the worker reports why). For files above [`SPILL`]; smaller ones go whole ([`Pool::submit_bytes`]).
 pub fn stream_to(r: &mut impl io::Read, size: u64, tx: SyncSender<Vec<u8>>) -> io::Result<()> {
     let mut left = size;
-    // Files that stay in memory anyway travel as one buffer (no copy on the worker's side).
-    let whole = size <= SPILL as u64;
     while left > 0 {
-        let n = if whole {
-            usize::try_from(size).expect("at most SPILL")
-        } else {
-            usize::try_from(left.min(CHUNK as u64)).expect("at most CHUNK")
-        };
+        let n = usize::try_from(left.min(CHUNK as u64)).expect("at most CHUNK");
         let mut buf = vec![0u8; n];
         r.read_exact(&mut buf)?;
         left -= n as u64;

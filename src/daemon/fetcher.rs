@@ -77,6 +77,14 @@ pub enum Content {
 pub type PieceFn<'a> = dyn FnMut(u64, &[u8]) -> Result<(), Errno> + 'a;
 
 impl Content {
+    /// Bytes of content.
+    fn len(&self) -> u64 {
+        match self {
+            Content::Memory(v) => v.len() as u64,
+            Content::Spooled { len, .. } => *len,
+        }
+    }
+
     /// Calls `f` with consecutive pieces (offset, bytes) of at most 1 MiB.
     pub fn for_each_piece(&self, f: &mut PieceFn<'_>) -> Result<(), Errno> {
         const PIECE: usize = 1 << 20;
@@ -134,22 +142,22 @@ impl std::fmt::Debug for Fetcher {
 
 #[derive(Default)]
 struct Ready {
-    held: HashMap<Digest, (Instant, Arc<Content>, u64)>,
+    held: HashMap<Digest, (Instant, Arc<Content>)>,
     bytes: u64,
 }
 
 impl Ready {
     fn take(&mut self, digest: &Digest) -> Option<Arc<Content>> {
-        let (_, c, n) = self.held.remove(digest)?;
-        self.bytes -= n;
+        let (_, c) = self.held.remove(digest)?;
+        self.bytes -= c.len();
         Some(c)
     }
 
     fn expire(&mut self) {
         let before = self.held.len();
-        self.held.retain(|_, (at, _, _)| at.elapsed() < WARM_HOLD);
+        self.held.retain(|_, (at, _)| at.elapsed() < WARM_HOLD);
         if self.held.len() != before {
-            self.bytes = self.held.values().map(|(_, _, n)| n).sum();
+            self.bytes = self.held.values().map(|(_, c)| c.len()).sum();
         }
     }
 }
@@ -259,8 +267,8 @@ impl Fetcher {
             }
             Ok(c) if warm && !flight.claimed.load(Ordering::SeqCst) => {
                 let mut ready = self.ready();
-                ready.bytes += entry.size;
-                ready.held.insert(entry.digest, (Instant::now(), Arc::clone(c), entry.size));
+                ready.bytes += c.len();
+                ready.held.insert(entry.digest, (Instant::now(), Arc::clone(c)));
             }
             Ok(_) => {}
         }

@@ -16,7 +16,7 @@ use std::io::Read as _;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
@@ -64,8 +64,15 @@ pub fn accessed(core: &Core, key: &str, img: &Image) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// The listed files of `img` whose object is not complete yet (first listing of each object), as
-/// (path in the image, object).
+/// The listed files of a mount whose object was not complete (first listing of each object), as (path in
+/// the image, object). Resolving them reads the whole EROFS index, so it is done once per mount and
+/// shared by the downloads ahead of the mount and the reads after it, whichever asks first.
+type Listed = Arc<OnceLock<Result<Vec<(Vec<u8>, Digest)>, String>>>;
+
+fn resolve<'a>(list: &'a Listed, core: &Core, img: &Image) -> Result<&'a [(Vec<u8>, Digest)]> {
+    list.get_or_init(|| listed(core, img).map_err(|e| format!("{e:#}"))).as_deref().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 fn listed(core: &Core, img: &Image) -> Result<Vec<(Vec<u8>, Digest)>> {
     let (by_path, _) = objects_of(img)?;
     let mut seen = std::collections::HashSet::new();
@@ -88,6 +95,8 @@ pub struct Prefetches {
     running: Mutex<HashMap<String, Running>>,
     /// Cancel flags of the downloads ahead of the mount ([`Prefetches::warm`]).
     warming: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    /// The resolved list of each mount.
+    lists: Mutex<HashMap<String, Listed>>,
 }
 
 impl std::fmt::Debug for Prefetches {
@@ -97,6 +106,10 @@ impl std::fmt::Debug for Prefetches {
 }
 
 impl Prefetches {
+    fn list(&self, key: &str) -> Listed {
+        Arc::clone(self.lists.lock().unwrap_or_else(|p| p.into_inner()).entry(key.to_owned()).or_default())
+    }
+
     /// Starts prefetching the list of `img`, mounted as `key` with its EROFS lower at `lower`. Returns
     /// at once; does nothing when the image has no list.
     pub fn start(&self, key: &str, lower: &Path, img: &Arc<Image>, core: &Arc<Core>) {
@@ -104,10 +117,10 @@ impl Prefetches {
             return;
         }
         let cancel = Arc::new(AtomicBool::new(false));
-        let (c, k, l, i, core) =
-            (Arc::clone(&cancel), key.to_owned(), lower.to_owned(), Arc::clone(img), Arc::clone(core));
+        let (c, k, l, i, core, list) =
+            (Arc::clone(&cancel), key.to_owned(), lower.to_owned(), Arc::clone(img), Arc::clone(core), self.list(key));
         let spawned = std::thread::Builder::new().name("wisp-prefetch".into()).spawn(move || {
-            if let Err(e) = run(&core, &k, &l, &i, &c) {
+            if let Err(e) = run(&core, &k, &l, &i, &list, &c) {
                 tracing::warn!(mount = %k, error = %format!("{e:#}"), "prefetch failed");
             }
             core.prefetch_done(&k);
@@ -134,15 +147,15 @@ impl Prefetches {
         }
         let cancel = Arc::new(AtomicBool::new(false));
         self.warming.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_owned(), Arc::clone(&cancel));
-        let (core, img) = (Arc::clone(core), Arc::clone(img));
+        let (core, img, list) = (Arc::clone(core), Arc::clone(img), self.list(key));
         let spawned = std::thread::Builder::new().name("wisp-warm".into()).spawn(move || {
-            let todo = match listed(&core, &img) {
+            let todo = match resolve(&list, &core, &img) {
                 Ok(t) => t,
                 Err(e) => return tracing::warn!(error = %format!("{e:#}"), "reading the prefetch list"),
             };
             let entries: HashMap<Digest, crate::oci::objmap::ObjectEntry> =
                 img.devices.iter().map(|e| (e.digest, *e)).collect();
-            let todo: Vec<_> = todo.into_iter().filter_map(|(_, d)| entries.get(&d).copied()).collect();
+            let todo: Vec<_> = todo.iter().filter_map(|(_, d)| entries.get(d).copied()).collect();
             let (next, done) = (AtomicUsize::new(0), AtomicUsize::new(0));
             let stores = [Arc::clone(&img.store)];
             let start = std::time::Instant::now();
@@ -180,6 +193,7 @@ impl Prefetches {
         if let Some(c) = self.warming.lock().unwrap_or_else(|p| p.into_inner()).remove(key) {
             c.store(true, Ordering::Relaxed);
         }
+        self.lists.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
         let r = self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
         if let Some(r) = r {
             r.cancel.store(true, Ordering::Relaxed);
@@ -188,10 +202,10 @@ impl Prefetches {
     }
 }
 
-fn run(core: &Core, key: &str, lower: &Path, img: &Image, cancel: &AtomicBool) -> Result<()> {
-    let todo: Vec<(PathBuf, Digest)> = listed(core, img)?
-        .into_iter()
-        .map(|(p, d)| (lower.join(std::ffi::OsStr::from_bytes(p.strip_prefix(b"/").unwrap_or(&p))), d))
+fn run(core: &Core, key: &str, lower: &Path, img: &Image, list: &Listed, cancel: &AtomicBool) -> Result<()> {
+    let todo: Vec<(PathBuf, Digest)> = resolve(list, core, img)?
+        .iter()
+        .map(|(p, d)| (lower.join(std::ffi::OsStr::from_bytes(p.strip_prefix(b"/").unwrap_or(p))), *d))
         .collect();
     core.prefetch_listed(key, todo.len() as u64);
     let next = AtomicUsize::new(0);

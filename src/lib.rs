@@ -11,6 +11,7 @@ pub mod imagefile;
 pub mod mount;
 pub mod objects;
 pub mod oci;
+pub mod private_dir;
 pub mod snapshotter;
 pub mod store;
 pub mod tree;

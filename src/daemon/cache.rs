@@ -62,6 +62,7 @@ impl Records {
 impl NodeCache {
     /// Opens (creating) the cache at `root`.
     pub fn open(root: &Path) -> Result<Self> {
+        crate::private_dir::ensure(root)?;
         for d in ["objects", "tmp"] {
             fs::create_dir_all(root.join(d)).with_context(|| format!("creating {}", root.join(d).display()))?;
         }
@@ -92,20 +93,36 @@ impl NodeCache {
             Ok(m) if m.len() == want => return Ok(self.is_complete(digest)),
             Ok(_) => {
                 tracing::warn!(path = %path.display(), "object file of the wrong size; recreating it");
-                fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(e).with_context(|| format!("removing {}", path.display()))
+                    }
+                    _ => {}
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("stat {}", path.display())),
         }
         let dir = path.parent().expect("object path has a parent");
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        // Create under a temporary name and rename, so a file at the final name always has its size.
-        let tmp = dir.join(format!(".{}.new-{}", hex::encode(digest), std::process::id()));
-        let f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.set_len(want).with_context(|| format!("sizing {}", tmp.display()))?;
-        drop(f);
-        fs::rename(&tmp, &path).with_context(|| format!("renaming {} into place", tmp.display()))?;
-        Ok(false)
+        // Create under a unique temporary name (mode 0600) and link it into place without replacing
+        // anything, so a file at the final name always has its size, and an object file another
+        // request placed meanwhile (and the frontend may have marked already) is never swapped for a
+        // new inode. Two requests of one process used to share one temporary name and break each
+        // other's rename (issue 20: 30 of 32 concurrent mounts failed).
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{}.new-", hex::encode(digest)))
+            .tempfile_in(dir)
+            .with_context(|| format!("creating a temporary object file in {}", dir.display()))?;
+        tmp.as_file().set_len(want).with_context(|| format!("sizing {}", tmp.path().display()))?;
+        match tmp.persist_noclobber(&path) {
+            Ok(_) => Ok(false),
+            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {
+                // Placed by a concurrent request: it was sized before it got its name.
+                Ok(self.is_complete(digest))
+            }
+            Err(e) => Err(e.error).with_context(|| format!("placing {}", path.display())),
+        }
     }
 
     /// Whether the object is complete: its file carries the completeness record for its digest, or it

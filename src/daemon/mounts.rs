@@ -45,6 +45,10 @@ pub struct Mounts {
     /// The fanotify frontend; None when the daemon serves cachefiles (super::cachefiles).
     frontend: Option<Arc<Frontend<Core>>>,
     live: Mutex<HashMap<String, (MountRecord, Arc<Image>)>>,
+    /// Held while objects are registered and marked, or released and unmarked: the first image to
+    /// need an object marks it before any other image's mount can read it, and the last to let it go
+    /// cannot unmark it under a new registrant (concurrent mounts of images sharing objects).
+    attaching: Mutex<()>,
     prefetch: super::prefetch::Prefetches,
 }
 
@@ -78,6 +82,7 @@ impl Mounts {
             core,
             frontend,
             live: Mutex::new(HashMap::new()),
+            attaching: Mutex::new(()),
             prefetch: Default::default(),
         }
     }
@@ -104,6 +109,7 @@ impl Mounts {
     /// Registers the image's objects with the core (and marks the incomplete ones for the fanotify
     /// frontend).
     fn attach(&self, key: &str, img: &Image) -> Result<()> {
+        let _one = self.attaching.lock().unwrap_or_else(|p| p.into_inner());
         self.core.add_image(
             key,
             &img.spec.reference,
@@ -113,7 +119,8 @@ impl Mounts {
         );
         let mut hits = 0;
         for (i, e) in img.devices.iter().enumerate() {
-            let r = self.core.register(key, e, &img.store).inspect_err(|_| self.detach(key, &img.devices[..i]))?;
+            let r =
+                self.core.register(key, e, &img.store).inspect_err(|_| self.detach_locked(key, &img.devices[..i]))?;
             hits += u64::from(r.complete);
             let Some(frontend) = &self.frontend else { continue };
             if !r.first {
@@ -124,7 +131,7 @@ impl Mounts {
                 // A mark a killed worker left on an object it had completed: drop it (no-op otherwise).
                 let _ = frontend.group().unmark(&path);
             } else if let Err(err) = frontend.add(&path, &hex::encode(e.digest)) {
-                self.detach(key, &img.devices[..=i]);
+                self.detach_locked(key, &img.devices[..=i]);
                 return Err(err).context("marking an object file for pre-content events");
             }
         }
@@ -133,6 +140,11 @@ impl Mounts {
     }
 
     fn detach(&self, key: &str, devices: &[crate::oci::objmap::ObjectEntry]) {
+        let _one = self.attaching.lock().unwrap_or_else(|p| p.into_inner());
+        self.detach_locked(key, devices);
+    }
+
+    fn detach_locked(&self, key: &str, devices: &[crate::oci::objmap::ObjectEntry]) {
         for e in devices {
             if self.core.release(key, &e.digest) {
                 let Some(frontend) = &self.frontend else { continue };
@@ -156,6 +168,9 @@ impl Mounts {
         }
         if !req.dir.is_absolute() {
             bail!("{}: the mount point must be an absolute path", req.dir.display());
+        }
+        for p in [Some(&req.dir), req.upper.as_ref(), req.work.as_ref()].into_iter().flatten() {
+            check_overlay_path(p)?;
         }
         let id = mount_id(&req.dir);
         if self.live.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&id) {
@@ -237,8 +252,7 @@ impl Mounts {
         if rec.lower_only {
             return Ok(());
         }
-        let data =
-            format!("lowerdir={},upperdir={},workdir={}", rec.lower.display(), rec.upper.display(), rec.work.display());
+        let data = overlay_options(rec)?;
         let cdata = std::ffi::CString::new(data.clone()).context("a NUL in an overlay path")?;
         if let Err(e) =
             rustix::mount::mount("overlay", &rec.dir, "overlay", rustix::mount::MountFlags::empty(), cdata.as_c_str())
@@ -335,6 +349,28 @@ impl Mounts {
     pub fn list(&self) -> Vec<MountRecord> {
         self.live.lock().unwrap_or_else(|p| p.into_inner()).values().map(|(r, _)| r.clone()).collect()
     }
+}
+
+/// The overlayfs mount data of `rec`. The kernel splits it at `,` (and `lowerdir` at `:`) unless a
+/// backslash escapes them (fs/overlayfs/params.c); instead of escaping, paths carrying any of the
+/// three are refused, so a client cannot smuggle options such as `lowerdir=/elsewhere` into the data.
+fn overlay_options(rec: &MountRecord) -> Result<String> {
+    check_overlay_path(&rec.lower)?;
+    check_overlay_path(&rec.upper)?;
+    check_overlay_path(&rec.work)?;
+    Ok(format!("lowerdir={},upperdir={},workdir={}", rec.lower.display(), rec.upper.display(), rec.work.display()))
+}
+
+/// Refuses a path overlayfs mount options cannot carry as it is (see [`overlay_options`]), or one that
+/// is not valid UTF-8 (it would not survive `display()`).
+pub fn check_overlay_path(p: &Path) -> Result<()> {
+    let Some(s) = p.to_str() else {
+        bail!("{}: not valid UTF-8; overlayfs options cannot name it", p.display());
+    };
+    if let Some(c) = s.chars().find(|c| matches!(c, ',' | ':' | '\\' | '\n')) {
+        bail!("{s}: overlayfs mount options cannot carry {c:?} in a path; choose a directory without it");
+    }
+    Ok(())
 }
 
 /// Stops the prefetch of a mount that failed half-way (see [`Mounts::mount`]).

@@ -29,7 +29,9 @@ use super::Config;
 
 pub fn run(cfg: &Config) -> Result<()> {
     for d in [&cfg.state, &cfg.cache] {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        // Root only: index images, object files and the lower mounts (with an image's setuid-root
+        // programs) live below these.
+        crate::private_dir::ensure(d)?;
     }
     let cache = super::cache::NodeCache::open(&cfg.cache)?;
     let kernel = Kernel::open(cfg.frontend, &cache)?;

@@ -87,6 +87,10 @@ pub fn pull(state: &Path, spec: &ImageSpec) -> Result<Image> {
     let (digest, manifest) = index_image::resolve(&*repo).with_context(|| format!("reading the index image {r}"))?;
     let id = digest.trim_start_matches("sha256:").to_owned();
     let dir = images_dir(state).join(&id);
+    // One pull per index at a time: the pods of one image started together download its index once;
+    // the others wait and find it on the node.
+    let gate = pull_gate(&id);
+    let _one = gate.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(img) = cached(&dir, &id, spec, &store)? {
         tracing::debug!(image = %r, id, "index already on the node");
         return Ok(img);
@@ -103,6 +107,15 @@ pub fn pull(state: &Path, spec: &ImageSpec) -> Result<Image> {
     let devices = device_order(&pulled.erofs, &pulled.objects)?;
     let prefetch = prefetch_of(pulled.prefetch.as_deref());
     Ok(Image { id, dir, spec: spec.clone(), devices, store, prefetch })
+}
+
+/// The lock of index image `id` while it is pulled (entries live as long as the worker: one per
+/// distinct index image, a few bytes each).
+fn pull_gate(id: &str) -> Arc<std::sync::Mutex<()>> {
+    static GATES: std::sync::OnceLock<std::sync::Mutex<HashMap<String, Arc<std::sync::Mutex<()>>>>> =
+        std::sync::OnceLock::new();
+    let mut g = GATES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    Arc::clone(g.entry(id.to_owned()).or_default())
 }
 
 /// The index pulled earlier into `dir`, if it is complete (image.json is written last); its image.json

@@ -270,6 +270,22 @@ fn state_and_cache_are_root_only() {
         assert!(!out.status.success(), "nobody could {what}: `{cmd}` succeeded");
         assert!(err.contains("Permission denied"), "{what}: `{cmd}` failed for another reason: {err}");
     }
+    // Paths the overlay options cannot carry are refused before anything is made: `,` would end the
+    // option (here smuggling a second lowerdir into the data), `:` separates lower layers.
+    for bad in ["mnt,lowerdir=/etc", "mnt:etc"] {
+        let dir = tmp.join(bad);
+        let out = Command::new(wisp_bin())
+            .args(["mount", &index])
+            .arg(&dir)
+            .args(["--store", &store, "--state"])
+            .arg(&d.state)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a mount at {} was made", dir.display());
+        assert!(err.contains("overlayfs mount options cannot carry"), "{err}");
+        assert!(!dir.exists(), "{} was created", dir.display());
+    }
     // The container's root itself stays usable: it is the mount point the client chose.
     let out = as_nobody(&format!("cat {}/etc/os-release", mnt.display()));
     assert!(out.status.success(), "the mounted root should be readable: {}", String::from_utf8_lossy(&out.stderr));

@@ -49,6 +49,10 @@ pub struct Mounts {
     /// need an object marks it before any other image's mount can read it, and the last to let it go
     /// cannot unmark it under a new registrant (concurrent mounts of images sharing objects).
     attaching: Mutex<()>,
+    /// Mounts under way (their ids), reserved together with the check of `live` (lock `live` first).
+    pending: Mutex<std::collections::HashSet<String>>,
+    /// Mount records a restarted worker could not take back (see [`Mounts::restore`]).
+    unrestored: Mutex<Vec<serde_json::Value>>,
     prefetch: super::prefetch::Prefetches,
 }
 
@@ -83,6 +87,8 @@ impl Mounts {
             frontend,
             live: Mutex::new(HashMap::new()),
             attaching: Mutex::new(()),
+            pending: Mutex::default(),
+            unrestored: Mutex::default(),
             prefetch: Default::default(),
         }
     }
@@ -173,9 +179,9 @@ impl Mounts {
             check_overlay_path(p)?;
         }
         let id = mount_id(&req.dir);
-        if self.live.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&id) {
-            bail!("{}: an image is already mounted there", req.dir.display());
-        }
+        // Held until the mount is in `live` or has failed: a second mount of the same directory
+        // meanwhile is refused, not raced.
+        let _reserved = self.reserve(&id, &req.dir)?;
         let spec = ImageSpec { reference: req.reference.clone(), plain_http: req.plain_http, store: req.store.clone() };
         let img = Arc::new(match &req.index {
             Some(dir) => images::from_local(&self.state, dir, &spec)?,
@@ -238,6 +244,19 @@ impl Mounts {
         Ok(out)
     }
 
+    /// Checks that nothing is mounted or being mounted at `dir` and reserves its id, in one step.
+    fn reserve(&self, id: &str, dir: &Path) -> Result<Reservation<'_>> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if live.contains_key(id) {
+            bail!("{}: an image is already mounted there", dir.display());
+        }
+        if !pending.insert(id.to_owned()) {
+            bail!("{}: an image is already mounted there (its mount is still in progress)", dir.display());
+        }
+        Ok(Reservation { mounts: self, id: id.to_owned() })
+    }
+
     fn kernel_mount(&self, rec: &MountRecord, img: &Image) -> Result<()> {
         if let Some(fsid) = &rec.fsid {
             crate::mount::mount_erofs_fscache(fsid, super::cachefiles::DOMAIN, &rec.lower)?;
@@ -297,29 +316,71 @@ impl Mounts {
     }
 
     /// After a worker restart: watch the objects of every image that is still mounted again. Records
-    /// of mounts the kernel no longer has are dropped.
+    /// of mounts the kernel no longer has are dropped. A record that cannot be taken back (it does not
+    /// parse, its image is missing or broken, its objects cannot be watched) is logged, kept on disk
+    /// and listed by `status` as `unrestored`; the other mounts are restored all the same.
     pub fn restore(&self) -> Result<usize> {
         let Ok(rd) = fs::read_dir(self.mounts_dir()) else { return Ok(0) };
         let now = mounted()?;
         let mut n = 0;
         for ent in rd {
-            let mdir = ent?.path();
-            let Ok(bytes) = fs::read(mdir.join("record.json")) else { continue };
-            let rec: MountRecord = serde_json::from_slice(&bytes).with_context(|| format!("{}", mdir.display()))?;
-            if !now.contains(&rec.lower) {
-                tracing::warn!(dir = %rec.dir.display(), "recorded mount is gone; forgetting it");
-                let _ = fs::remove_file(mdir.join("record.json"));
-                continue;
+            let mdir = match ent {
+                Ok(e) => e.path(),
+                Err(e) => {
+                    tracing::error!(dir = %self.mounts_dir().display(), error = %e, "listing mount records");
+                    continue;
+                }
+            };
+            let path = mdir.join("record.json");
+            match self.restore_one(&path, &now) {
+                Ok(true) => n += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    let error = format!("{e:#}");
+                    tracing::error!(record = %path.display(), %error,
+                        "cannot restore this mount; skipping it (its unfilled objects are not served)");
+                    self.unrestored
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(serde_json::json!({"record": path, "error": error}));
+                }
             }
-            let img = Arc::new(images::load(&self.state, &rec.image)?);
-            self.attach(&rec.id, &img)?;
-            if let Some(f) = &rec.fsid {
-                self.core.add_primary(f, &img.erofs_path(), &rec.id)?;
-            }
-            self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(rec.id.clone(), (rec, img));
-            n += 1;
         }
         Ok(n)
+    }
+
+    /// Restores the mount of one record: Ok(false) when there is none (no record, or not mounted).
+    fn restore_one(&self, path: &Path, now: &[PathBuf]) -> Result<bool> {
+        let bytes = match fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let rec: MountRecord =
+            serde_json::from_slice(&bytes).with_context(|| format!("parsing the mount record {}", path.display()))?;
+        if !now.contains(&rec.lower) {
+            tracing::warn!(dir = %rec.dir.display(), "recorded mount is gone; forgetting it");
+            let _ = fs::remove_file(path);
+            return Ok(false);
+        }
+        let img = Arc::new(
+            images::load(&self.state, &rec.image)
+                .with_context(|| format!("loading image {} of the mount at {}", rec.image, rec.dir.display()))?,
+        );
+        self.attach(&rec.id, &img).with_context(|| format!("watching the objects of {}", rec.dir.display()))?;
+        if let Some(f) = &rec.fsid {
+            if let Err(e) = self.core.add_primary(f, &img.erofs_path(), &rec.id) {
+                self.detach(&rec.id, &img.devices);
+                return Err(e).with_context(|| format!("registering the index of {}", rec.dir.display()));
+            }
+        }
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(rec.id.clone(), (rec, img));
+        Ok(true)
+    }
+
+    /// The mount records the last restore skipped, with why.
+    pub fn unrestored(&self) -> Vec<serde_json::Value> {
+        self.unrestored.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Unmounts everything it can; returns the mount points that stay (busy).
@@ -371,6 +432,18 @@ pub fn check_overlay_path(p: &Path) -> Result<()> {
         bail!("{s}: overlayfs mount options cannot carry {c:?} in a path; choose a directory without it");
     }
     Ok(())
+}
+
+/// A mount under way (see [`Mounts::reserve`]); dropping it frees the id.
+struct Reservation<'a> {
+    mounts: &'a Mounts,
+    id: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.mounts.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
 }
 
 /// Stops the prefetch of a mount that failed half-way (see [`Mounts::mount`]).

@@ -13,6 +13,10 @@
 //! {"op":"shutdown"}                    -> unmount everything (sent by the supervisor)
 //! response: {"ok":true,"result":{...}} | {"ok":false,"error":"..."}
 //! ```
+//!
+//! Only root may talk to the daemon: the socket is mode 0600 and the worker checks each peer's uid
+//! (SO_PEERCRED) before it reads. A request line is at most [`MAX_REQUEST`] bytes and must arrive
+//! within [`REQUEST_TIMEOUT`]; otherwise the answer is an error and the connection is closed.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -21,6 +25,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+
+/// The longest request line the daemon reads (a mount request with long paths is a few KiB).
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// How long the daemon waits for a connection's request line (and for its answer to be taken).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A client request.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -114,8 +124,12 @@ pub fn socket_path(state: &Path) -> PathBuf {
 
 /// Sends one request and returns the result (an error response becomes an error).
 pub fn call(socket: &Path, req: &Request, timeout: Option<Duration>) -> Result<serde_json::Value> {
-    let s = UnixStream::connect(socket).with_context(|| {
-        format!("connecting to the wisp daemon at {} (is `wisp daemon` running?)", socket.display())
+    let s = UnixStream::connect(socket).map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::PermissionDenied => "it serves root only",
+            _ => "is `wisp daemon` running?",
+        };
+        anyhow::Error::new(e).context(format!("connecting to the wisp daemon at {} ({hint})", socket.display()))
     })?;
     s.set_read_timeout(timeout)?;
     let mut line = serde_json::to_vec(req)?;

@@ -3,7 +3,7 @@
 //! predecessor left unanswered, then serves events (main thread) and control requests (one thread per
 //! connection).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
@@ -11,11 +11,12 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use fscache::fanotify::journal::{self, Journal};
 use fscache::fanotify::{Frontend, Group};
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
 use super::core::Core;
 use super::fetcher::Fetcher;
 use super::mounts::Mounts;
-use super::protocol::{Request, Response};
+use super::protocol::{Request, Response, MAX_REQUEST, REQUEST_TIMEOUT};
 use super::{cache::NodeCache, Config};
 
 /// Label of the fd message the supervisor sends (fanotify group + control listener).
@@ -117,12 +118,11 @@ fn control_thread(listener: UnixListener, mounts: Arc<Mounts>, active: Active) -
 }
 
 fn serve(conn: UnixStream, mounts: &Mounts, active: &Active) {
-    let mut line = String::new();
-    if BufReader::new(&conn).read_line(&mut line).is_err() {
-        return;
-    }
-    let resp = match serde_json::from_str::<Request>(&line) {
-        Err(e) => Response::err(&anyhow::anyhow!("bad request: {e}")),
+    let resp = match read_request(&conn) {
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "control request refused");
+            Response::err(&e)
+        }
         Ok(req) => {
             let r = handle(&req, mounts, active);
             if let Err(e) = &r {
@@ -137,6 +137,29 @@ fn serve(conn: UnixStream, mounts: &Mounts, active: &Active) {
     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
     out.push(b'\n');
     let _ = (&conn).write_all(&out);
+}
+
+/// The request of a connection: from root only (SO_PEERCRED, checked before anything is read), one
+/// line of at most [`MAX_REQUEST`] bytes, sent within [`REQUEST_TIMEOUT`].
+fn read_request(conn: &UnixStream) -> Result<Request> {
+    let cred = getsockopt(conn, PeerCredentials).context("reading the peer's credentials (SO_PEERCRED)")?;
+    if cred.uid() != 0 {
+        bail!("permission denied: the wisp daemon serves root only (peer pid {} uid {})", cred.pid(), cred.uid());
+    }
+    conn.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    conn.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+    let mut line = Vec::new();
+    BufReader::new(conn.take(MAX_REQUEST as u64 + 1)).read_until(b'\n', &mut line).map_err(|e| {
+        if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+            anyhow::anyhow!("no request line within {} s", REQUEST_TIMEOUT.as_secs())
+        } else {
+            anyhow::Error::new(e).context("reading the request")
+        }
+    })?;
+    if line.len() > MAX_REQUEST {
+        bail!("request line longer than {MAX_REQUEST} bytes; closing the connection");
+    }
+    serde_json::from_slice(&line).map_err(|e| anyhow::anyhow!("bad request: {e}"))
 }
 
 fn handle(req: &Request, mounts: &Mounts, active: &Active) -> Result<serde_json::Value> {
@@ -162,11 +185,13 @@ fn handle(req: &Request, mounts: &Mounts, active: &Active) -> Result<serde_json:
             "worker_pid": std::process::id(),
             "frontend": "cachefiles",
             "mounts": mounts.list(),
+            "unrestored": mounts.unrestored(),
         }),
         (Request::Status, Active::Fanotify(_, rec)) => serde_json::json!({
             "worker_pid": std::process::id(),
             "frontend": "fanotify",
             "mounts": mounts.list(),
+            "unrestored": mounts.unrestored(),
             "recovered": {"resumed": rec.resumed, "allowed": rec.allowed, "denied_unrecorded": rec.denied_unrecorded},
         }),
         (Request::Shutdown, _) => serde_json::json!({ "busy": mounts.shutdown() }),

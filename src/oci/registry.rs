@@ -1,12 +1,19 @@
 //! Registry repositories through the `oci-client` crate (OCI distribution spec), driven from
 //! synchronous code by a small tokio runtime owned by the [`Registry`]. Blob downloads stream through
 //! a bounded channel into a verifying reader; uploads stream from files (monolithic `PUT`, size known).
+//!
+//! A stalled registry (a stopped process, a dead link) fails requests instead of hanging them: the
+//! HTTP client has a connect timeout and a read timeout ([`TransportOptions::timeout`], which applies
+//! to every read of an answer, headers or body), and [`Repo::open_blob_by`] takes a deadline past which
+//! the download is dropped, its connection closed, and its reader fails.
 //! Credentials come from the docker config (`$DOCKER_CONFIG/config.json` or `~/.docker/config.json`)
 //! or containers' `auth.json` (`$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/auth.json`).
 
+use std::future::Future;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::StreamExt;
@@ -29,6 +36,8 @@ pub struct Registry {
     open: OnceLock<bool>,
     reference: Reference,
     auth: RegistryAuth,
+    /// The client's connect and read timeout (for messages).
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for Registry {
@@ -49,12 +58,14 @@ impl Registry {
         let config = || ClientConfig {
             protocol: if opts.plain_http { ClientProtocol::Http } else { ClientProtocol::Https },
             use_monolithic_push: true,
+            connect_timeout: Some(opts.timeout),
+            read_timeout: Some(opts.timeout),
             ..Default::default()
         };
         let client = Client::new(config());
         let open_client = Client::new(config());
         let auth = docker_auth(reference.resolve_registry()).unwrap_or(RegistryAuth::Anonymous);
-        Ok(Registry { rt, client, open_client, open: OnceLock::new(), reference, auth })
+        Ok(Registry { rt, client, open_client, open: OnceLock::new(), reference, auth, timeout: opts.timeout })
     }
 
     fn by_digest(&self, digest: &str) -> Reference {
@@ -71,17 +82,17 @@ impl Registry {
 
     /// The client for blob reads: `open_client` once the registry is known to need no credentials
     /// (one auth probe per `Registry`), otherwise the authenticated client, whose tokens are cached.
-    fn reader(&self) -> &Client {
+    fn reader(&self, deadline: Option<Instant>) -> &Client {
         let open = match self.open.get() {
             Some(&open) => open,
             None => {
                 self.ensure_auth();
                 let probe = self.client.auth(&self.reference, &self.auth, RegistryOperation::Pull);
-                match self.rt.block_on(probe) {
+                match self.run(deadline, probe) {
                     // No token and no credentials: the registry let us in as we are.
-                    Ok(token) => *self.open.get_or_init(|| token.is_none() && self.auth == RegistryAuth::Anonymous),
+                    Ok(Ok(token)) => *self.open.get_or_init(|| token.is_none() && self.auth == RegistryAuth::Anonymous),
                     // Not known yet (registry down?): the request itself reports the error.
-                    Err(_) => false,
+                    _ => false,
                 }
             }
         };
@@ -91,6 +102,96 @@ impl Registry {
             &self.client
         }
     }
+
+    /// Runs `fut` on the runtime until it ends or `deadline` passes; then it is dropped, which closes
+    /// the connection of a request in flight.
+    fn run<F: Future>(&self, deadline: Option<Instant>, fut: F) -> Result<F::Output> {
+        match deadline {
+            None => Ok(self.rt.block_on(fut)),
+            Some(d) => self
+                .rt
+                // The timer is made inside the runtime (it needs its time driver).
+                .block_on(async move { tokio::time::timeout_at(d.into(), fut).await })
+                .map_err(|_| anyhow!("{} did not answer by the deadline", self.host())),
+        }
+    }
+
+    /// The registry's host (and port), for messages.
+    fn host(&self) -> String {
+        format!("registry {}", self.reference.resolve_registry())
+    }
+
+    fn blob(&self, digest: &str, size: Option<u64>, deadline: Option<Instant>) -> Result<Box<dyn Read + Send>> {
+        let r = self.by_digest(digest);
+        let what = || format!("blob {digest} from {}", self.describe());
+        let client = self.reader(deadline);
+        let mut stream = self
+            .run(deadline, client.pull_blob_stream(&r, digest))
+            .with_context(what)?
+            .map_err(|e| oci_error(&e, self.timeout))
+            .with_context(what)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<bytes::Bytes>>(16);
+        let timeout = self.timeout;
+        let host = self.host();
+        self.rt.spawn(async move {
+            let pump = async {
+                loop {
+                    // A reader that went away (its download cancelled) ends this task, and dropping the
+                    // stream closes the connection.
+                    let chunk = tokio::select! {
+                        _ = tx.closed() => return,
+                        c = stream.next() => c,
+                    };
+                    let Some(chunk) = chunk else { return };
+                    let chunk = chunk.map_err(|e| io::Error::other(error_chain(&e, timeout)));
+                    let stop = chunk.is_err();
+                    if tx.send(chunk).await.is_err() || stop {
+                        return;
+                    }
+                }
+            };
+            let ended = match deadline {
+                None => {
+                    pump.await;
+                    true
+                }
+                Some(d) => tokio::time::timeout_at(d.into(), pump).await.is_ok(),
+            };
+            if !ended {
+                let e = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{host} did not send the whole blob by the deadline"),
+                );
+                let _ = tx.try_send(Err(e));
+            }
+        });
+        let reader = ChannelReader { rx, cur: bytes::Bytes::new(), deadline, host: self.host() };
+        Ok(Box::new(VerifyingReader::new(reader, digest, size)))
+    }
+}
+
+/// An oci-client error with its causes (a timed out read says so only in its source), for messages.
+fn oci_error(e: &oci_client::errors::OciDistributionError, timeout: Duration) -> anyhow::Error {
+    anyhow!("{}", error_chain(e, timeout))
+}
+
+fn error_chain(e: &dyn std::error::Error, timeout: Duration) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    let mut timed_out = false;
+    while let Some(c) = src {
+        let t = c.to_string();
+        timed_out |= c.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::TimedOut)
+            || t.contains("timed out");
+        if !s.contains(&t) {
+            s = format!("{s}: {t}");
+        }
+        src = c.source();
+    }
+    if timed_out {
+        s = format!("{s} (no answer within {timeout:?}: the registry is stalled or unreachable)");
+    }
+    s
 }
 
 impl Repo for Registry {
@@ -106,7 +207,7 @@ impl Repo for Registry {
         let (bytes, digest) = self
             .rt
             .block_on(self.client.pull_manifest_raw(&r, &self.auth, ACCEPTED_MANIFESTS))
-            .map_err(|e| anyhow!("{e}"))
+            .map_err(|e| oci_error(&e, self.timeout))
             .with_context(|| format!("fetching manifest docker://{r}"))?;
         let actual = sha256_digest(&bytes);
         let expected = reference.map(str::to_string).unwrap_or(digest);
@@ -117,29 +218,17 @@ impl Repo for Registry {
     }
 
     fn open_blob(&self, digest: &str, size: Option<u64>) -> Result<Box<dyn Read + Send>> {
-        let r = self.by_digest(digest);
-        let mut stream = self
-            .rt
-            .block_on(self.reader().pull_blob_stream(&r, digest))
-            .map_err(|e| anyhow!("{e}"))
-            .with_context(|| format!("blob {digest} from {}", self.describe()))?;
-        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<bytes::Bytes>>(16);
-        self.rt.spawn(async move {
-            while let Some(chunk) = stream.next().await {
-                let stop = chunk.is_err();
-                if tx.send(chunk).await.is_err() || stop {
-                    break;
-                }
-            }
-        });
-        let reader = ChannelReader { rx, cur: bytes::Bytes::new() };
-        Ok(Box::new(VerifyingReader::new(reader, digest, size)))
+        self.blob(digest, size, None)
+    }
+
+    fn open_blob_by(&self, digest: &str, size: Option<u64>, deadline: Instant) -> Result<Box<dyn Read + Send>> {
+        self.blob(digest, size, Some(deadline))
     }
 
     fn has_blob(&self, digest: &str) -> Result<bool> {
         self.rt
-            .block_on(self.reader().blob_exists(&self.by_digest(digest), digest))
-            .map_err(|e| anyhow!("{e}"))
+            .block_on(self.reader(None).blob_exists(&self.by_digest(digest), digest))
+            .map_err(|e| oci_error(&e, self.timeout))
             .with_context(|| format!("checking blob {digest} in {}", self.describe()))
     }
 
@@ -151,7 +240,7 @@ impl Repo for Registry {
         let stream = file_stream(path.clone());
         self.rt
             .block_on(self.client.push_blob_stream(&self.reference, stream, digest, Some(size)))
-            .map_err(|e| anyhow!("{e}"))
+            .map_err(|e| oci_error(&e, self.timeout))
             .with_context(|| format!("uploading blob {digest} ({}) to {}", path.display(), self.describe()))?;
         Ok(true)
     }
@@ -162,7 +251,7 @@ impl Repo for Registry {
         }
         self.rt
             .block_on(self.client.push_blob(&self.reference, bytes.to_vec(), digest))
-            .map_err(|e| anyhow!("{e}"))
+            .map_err(|e| oci_error(&e, self.timeout))
             .with_context(|| format!("uploading blob {digest} to {}", self.describe()))?;
         Ok(())
     }
@@ -184,16 +273,19 @@ impl Repo for Registry {
         };
         self.rt
             .block_on(self.client.push_manifest_raw(&target, bytes.to_vec(), media_type.parse()?))
-            .map_err(|e| anyhow!("{e}"))
+            .map_err(|e| oci_error(&e, self.timeout))
             .with_context(|| format!("pushing manifest {digest} to docker://{target}"))?;
         Ok(digest)
     }
 }
 
-/// A synchronous reader over the chunks a runtime task sends.
+/// A synchronous reader over the chunks a runtime task sends; dropping it cancels the task.
 struct ChannelReader {
     rx: tokio::sync::mpsc::Receiver<io::Result<bytes::Bytes>>,
     cur: bytes::Bytes,
+    /// The download's deadline: a channel that ends after it was cut short, not at the blob's end.
+    deadline: Option<Instant>,
+    host: String,
 }
 
 impl Read for ChannelReader {
@@ -202,6 +294,10 @@ impl Read for ChannelReader {
             match self.rx.blocking_recv() {
                 Some(Ok(b)) => self.cur = b,
                 Some(Err(e)) => return Err(e),
+                None if self.deadline.is_some_and(|d| Instant::now() >= d) => {
+                    let msg = format!("{} did not send the whole blob by the deadline", self.host);
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, msg));
+                }
                 None => return Ok(0),
             }
         }

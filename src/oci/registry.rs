@@ -2,22 +2,28 @@
 //! synchronous code by a small tokio runtime owned by the [`Registry`]. Blob downloads stream through
 //! a bounded channel into a verifying reader; uploads stream from files (monolithic `PUT`, size known).
 //!
-//! A stalled registry (a stopped process, a dead link) fails requests instead of hanging them: the
-//! HTTP client has a connect timeout and a read timeout ([`TransportOptions::timeout`], which applies
-//! to every read of an answer, headers or body), and [`Repo::open_blob_by`] takes a deadline past which
-//! the download is dropped, its connection closed, and its reader fails.
+//! A stalled registry (a stopped process, a dead link) fails requests instead of hanging them. Every
+//! request runs under a watchdog ([`TransportOptions::timeout`]): connecting, each answer, and each
+//! chunk of a blob download must come within the timeout, and an upload must keep sending (a large
+//! blob on a slow link is never cut off while it moves). [`Repo::open_blob_by`] adds a deadline past
+//! which the download is dropped, its connection closed, and its reader fails. reqwest's own read
+//! timeout is not used: it runs from the start of a request to its answer, so it would cut off an
+//! upload that takes longer than the timeout.
+//!
 //! Credentials come from the docker config (`$DOCKER_CONFIG/config.json` or `~/.docker/config.json`)
 //! or containers' `auth.json` (`$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/auth.json`).
 
 use std::future::Future;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 
@@ -36,7 +42,7 @@ pub struct Registry {
     open: OnceLock<bool>,
     reference: Reference,
     auth: RegistryAuth,
-    /// The client's connect and read timeout (for messages).
+    /// How long a request may go without progress ([`TransportOptions::timeout`]).
     timeout: Duration,
 }
 
@@ -44,6 +50,15 @@ impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Registry({})", self.reference)
     }
+}
+
+/// Why [`Registry::run`] gave up on a request.
+#[derive(Debug, Clone, Copy)]
+enum Stall {
+    /// The caller's deadline passed.
+    Deadline,
+    /// No progress for the registry timeout.
+    Idle,
 }
 
 impl Registry {
@@ -59,7 +74,6 @@ impl Registry {
             protocol: if opts.plain_http { ClientProtocol::Http } else { ClientProtocol::Https },
             use_monolithic_push: true,
             connect_timeout: Some(opts.timeout),
-            read_timeout: Some(opts.timeout),
             ..Default::default()
         };
         let client = Client::new(config());
@@ -88,7 +102,7 @@ impl Registry {
             None => {
                 self.ensure_auth();
                 let probe = self.client.auth(&self.reference, &self.auth, RegistryOperation::Pull);
-                match self.run(deadline, probe) {
+                match self.run(deadline, None, probe) {
                     // No token and no credentials: the registry let us in as we are.
                     Ok(Ok(token)) => *self.open.get_or_init(|| token.is_none() && self.auth == RegistryAuth::Anonymous),
                     // Not known yet (registry down?): the request itself reports the error.
@@ -103,22 +117,48 @@ impl Registry {
         }
     }
 
-    /// Runs `fut` on the runtime until it ends or `deadline` passes; then it is dropped, which closes
-    /// the connection of a request in flight.
-    fn run<F: Future>(&self, deadline: Option<Instant>, fut: F) -> Result<F::Output> {
-        match deadline {
-            None => Ok(self.rt.block_on(fut)),
-            Some(d) => self
-                .rt
-                // The timer is made inside the runtime (it needs its time driver).
-                .block_on(async move { tokio::time::timeout_at(d.into(), fut).await })
-                .map_err(|_| anyhow!("{} did not answer by the deadline", self.host())),
-        }
+    /// Runs request `fut` on the runtime until it ends. It is dropped, which closes the connection of
+    /// a request in flight, and this fails, when `deadline` passes or when it makes no progress for
+    /// the registry timeout: progress is `sent` growing (the bytes of an upload); without `sent` the
+    /// request must end within the timeout.
+    fn run<F: Future>(&self, deadline: Option<Instant>, sent: Option<&AtomicU64>, fut: F) -> Result<F::Output> {
+        let timeout = self.timeout;
+        let out = self.rt.block_on(async move {
+            tokio::pin!(fut);
+            let mut seen = sent.map(|s| s.load(Ordering::Relaxed));
+            let mut idle_from = tokio::time::Instant::now();
+            loop {
+                let mut until = idle_from + timeout;
+                if let Some(d) = deadline {
+                    until = until.min(d.into());
+                }
+                tokio::select! {
+                    out = &mut fut => return Ok(out),
+                    _ = tokio::time::sleep_until(until) => {}
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(Stall::Deadline);
+                }
+                let now = sent.map(|s| s.load(Ordering::Relaxed));
+                if now == seen {
+                    return Err(Stall::Idle);
+                }
+                (seen, idle_from) = (now, tokio::time::Instant::now());
+            }
+        });
+        out.map_err(|stall| anyhow!("{}", self.stalled(stall)))
     }
 
-    /// The registry's host (and port), for messages.
-    fn host(&self) -> String {
-        format!("registry {}", self.reference.resolve_registry())
+    /// The message for a request given up on.
+    fn stalled(&self, stall: Stall) -> String {
+        let registry = self.reference.resolve_registry();
+        match stall {
+            Stall::Deadline => format!("registry {registry} did not answer by the deadline"),
+            Stall::Idle => format!(
+                "registry {registry} timed out: no answer within {:?} (stalled or unreachable; see --registry-timeout)",
+                self.timeout
+            ),
+        }
     }
 
     fn blob(&self, digest: &str, size: Option<u64>, deadline: Option<Instant>) -> Result<Box<dyn Read + Send>> {
@@ -126,70 +166,78 @@ impl Registry {
         let what = || format!("blob {digest} from {}", self.describe());
         let client = self.reader(deadline);
         let mut stream = self
-            .run(deadline, client.pull_blob_stream(&r, digest))
+            .run(deadline, None, client.pull_blob_stream(&r, digest))
             .with_context(what)?
-            .map_err(|e| oci_error(&e, self.timeout))
+            .map_err(|e| oci_error(&e))
             .with_context(what)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<bytes::Bytes>>(16);
         let timeout = self.timeout;
-        let host = self.host();
+        let (deadline_msg, idle_msg) = (self.stalled(Stall::Deadline), self.stalled(Stall::Idle));
         self.rt.spawn(async move {
             let pump = async {
                 loop {
-                    // A reader that went away (its download cancelled) ends this task, and dropping the
-                    // stream closes the connection.
+                    // Each chunk must come within the timeout. A reader that went away (its download
+                    // cancelled) ends this task; dropping the stream closes the connection.
                     let chunk = tokio::select! {
-                        _ = tx.closed() => return,
-                        c = stream.next() => c,
+                        _ = tx.closed() => return None,
+                        c = tokio::time::timeout(timeout, stream.next()) => c,
                     };
-                    let Some(chunk) = chunk else { return };
-                    let chunk = chunk.map_err(|e| io::Error::other(error_chain(&e, timeout)));
+                    let chunk = match chunk {
+                        Err(_) => return Some(idle_msg),
+                        Ok(None) => return None,
+                        Ok(Some(c)) => c.map_err(|e| io::Error::other(error_chain(&e))),
+                    };
                     let stop = chunk.is_err();
                     if tx.send(chunk).await.is_err() || stop {
-                        return;
+                        return None;
                     }
                 }
             };
-            let ended = match deadline {
-                None => {
-                    pump.await;
-                    true
-                }
-                Some(d) => tokio::time::timeout_at(d.into(), pump).await.is_ok(),
+            let stalled = match deadline {
+                None => pump.await,
+                Some(d) => tokio::time::timeout_at(d.into(), pump).await.unwrap_or(Some(deadline_msg)),
             };
-            if !ended {
-                let e = io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("{host} did not send the whole blob by the deadline"),
-                );
-                let _ = tx.try_send(Err(e));
+            if let Some(msg) = stalled {
+                // With the channel full, the reader finds the stream cut short instead (ChannelReader).
+                let _ = tx.try_send(Err(io::Error::new(io::ErrorKind::TimedOut, msg)));
             }
         });
-        let reader = ChannelReader { rx, cur: bytes::Bytes::new(), deadline, host: self.host() };
+        let reader = ChannelReader { rx, cur: bytes::Bytes::new(), deadline, stalled: self.stalled(Stall::Deadline) };
         Ok(Box::new(VerifyingReader::new(reader, digest, size)))
+    }
+
+    /// Uploads a blob from a stream of chunks, as long as the chunks keep going out.
+    fn push<S>(&self, digest: &str, size: u64, stream: S) -> Result<()>
+    where
+        S: futures_util::Stream<Item = oci_client::errors::Result<bytes::Bytes>> + Send + 'static,
+    {
+        let sent = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&sent);
+        let stream = stream.inspect(move |c| {
+            if let Ok(b) = c {
+                counter.fetch_add(b.len() as u64, Ordering::Relaxed);
+            }
+        });
+        self.run(None, Some(&sent), self.client.push_blob_stream(&self.reference, stream, digest, Some(size)))?
+            .map_err(|e| oci_error(&e))?;
+        Ok(())
     }
 }
 
-/// An oci-client error with its causes (a timed out read says so only in its source), for messages.
-fn oci_error(e: &oci_client::errors::OciDistributionError, timeout: Duration) -> anyhow::Error {
-    anyhow!("{}", error_chain(e, timeout))
+/// An oci-client error with its causes (a failed connect says why only in its sources), for messages.
+fn oci_error(e: &OciDistributionError) -> anyhow::Error {
+    anyhow!("{}", error_chain(e))
 }
 
-fn error_chain(e: &dyn std::error::Error, timeout: Duration) -> String {
+fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
-    let mut timed_out = false;
     while let Some(c) = src {
         let t = c.to_string();
-        timed_out |= c.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::TimedOut)
-            || t.contains("timed out");
         if !s.contains(&t) {
             s = format!("{s}: {t}");
         }
         src = c.source();
-    }
-    if timed_out {
-        s = format!("{s} (no answer within {timeout:?}: the registry is stalled or unreachable)");
     }
     s
 }
@@ -204,11 +252,12 @@ impl Repo for Registry {
             Some(d) => self.by_digest(d),
             None => self.reference.clone(),
         };
+        let what = || format!("fetching manifest docker://{r}");
         let (bytes, digest) = self
-            .rt
-            .block_on(self.client.pull_manifest_raw(&r, &self.auth, ACCEPTED_MANIFESTS))
-            .map_err(|e| oci_error(&e, self.timeout))
-            .with_context(|| format!("fetching manifest docker://{r}"))?;
+            .run(None, None, self.client.pull_manifest_raw(&r, &self.auth, ACCEPTED_MANIFESTS))
+            .with_context(what)?
+            .map_err(|e| oci_error(&e))
+            .with_context(what)?;
         let actual = sha256_digest(&bytes);
         let expected = reference.map(str::to_string).unwrap_or(digest);
         if actual != expected {
@@ -226,21 +275,18 @@ impl Repo for Registry {
     }
 
     fn has_blob(&self, digest: &str) -> Result<bool> {
-        self.rt
-            .block_on(self.reader(None).blob_exists(&self.by_digest(digest), digest))
-            .map_err(|e| oci_error(&e, self.timeout))
-            .with_context(|| format!("checking blob {digest} in {}", self.describe()))
+        let what = || format!("checking blob {digest} in {}", self.describe());
+        self.run(None, None, self.reader(None).blob_exists(&self.by_digest(digest), digest))
+            .with_context(what)?
+            .map_err(|e| oci_error(&e))
+            .with_context(what)
     }
 
     fn put_blob_file(&self, digest: &str, size: u64, path: &Path) -> Result<bool> {
         if self.has_blob(digest)? {
             return Ok(false);
         }
-        let path = path.to_path_buf();
-        let stream = file_stream(path.clone());
-        self.rt
-            .block_on(self.client.push_blob_stream(&self.reference, stream, digest, Some(size)))
-            .map_err(|e| oci_error(&e, self.timeout))
+        self.push(digest, size, file_stream(path.to_path_buf()))
             .with_context(|| format!("uploading blob {digest} ({}) to {}", path.display(), self.describe()))?;
         Ok(true)
     }
@@ -249,11 +295,12 @@ impl Repo for Registry {
         if self.has_blob(digest)? {
             return Ok(());
         }
-        self.rt
-            .block_on(self.client.push_blob(&self.reference, bytes.to_vec(), digest))
-            .map_err(|e| oci_error(&e, self.timeout))
-            .with_context(|| format!("uploading blob {digest} to {}", self.describe()))?;
-        Ok(())
+        const CHUNK: usize = 1 << 20;
+        let bytes = bytes::Bytes::copy_from_slice(bytes);
+        let chunks: Vec<_> =
+            (0..bytes.len()).step_by(CHUNK).map(|i| Ok(bytes.slice(i..bytes.len().min(i + CHUNK)))).collect();
+        self.push(digest, bytes.len() as u64, futures_util::stream::iter(chunks))
+            .with_context(|| format!("uploading blob {digest} to {}", self.describe()))
     }
 
     fn tag(&self) -> String {
@@ -271,10 +318,11 @@ impl Repo for Registry {
             ),
             None => self.by_digest(&digest),
         };
-        self.rt
-            .block_on(self.client.push_manifest_raw(&target, bytes.to_vec(), media_type.parse()?))
-            .map_err(|e| oci_error(&e, self.timeout))
-            .with_context(|| format!("pushing manifest {digest} to docker://{target}"))?;
+        let what = || format!("pushing manifest {digest} to docker://{target}");
+        self.run(None, None, self.client.push_manifest_raw(&target, bytes.to_vec(), media_type.parse()?))
+            .with_context(what)?
+            .map_err(|e| oci_error(&e))
+            .with_context(what)?;
         Ok(digest)
     }
 }
@@ -285,7 +333,8 @@ struct ChannelReader {
     cur: bytes::Bytes,
     /// The download's deadline: a channel that ends after it was cut short, not at the blob's end.
     deadline: Option<Instant>,
-    host: String,
+    /// The message for that.
+    stalled: String,
 }
 
 impl Read for ChannelReader {
@@ -295,8 +344,7 @@ impl Read for ChannelReader {
                 Some(Ok(b)) => self.cur = b,
                 Some(Err(e)) => return Err(e),
                 None if self.deadline.is_some_and(|d| Instant::now() >= d) => {
-                    let msg = format!("{} did not send the whole blob by the deadline", self.host);
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, msg));
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, self.stalled.clone()));
                 }
                 None => return Ok(0),
             }

@@ -144,6 +144,17 @@ fn convert_from_stopped_registry_fails_with_clear_error() {
     eprintln!("convert failed after {:?}:\n{err}", started.elapsed());
 }
 
+/// The bytes of fetched content.
+fn bytes_of(c: &wisp::daemon::fetcher::Content) -> Vec<u8> {
+    let mut v = Vec::new();
+    c.for_each_piece(&mut |_, b| {
+        v.extend_from_slice(b);
+        Ok(())
+    })
+    .unwrap();
+    v
+}
+
 /// Blobs of random bytes pushed to the registry, as uncompressed objects.
 fn push_objects(repo: &Registry, n: usize) -> Vec<(ObjectEntry, Vec<u8>)> {
     (0..n)
@@ -198,8 +209,7 @@ fn fetcher_over_stopped_registry_fails_without_leaking_threads_or_fds() {
     // auth probe are set up before counting).
     let (last, last_data) = &objects[OBJECTS];
     let (got, _) = fetcher.get(last, std::slice::from_ref(&store));
-    let mut bytes = Vec::new();
-    got.expect("a fetch from the running registry").for_each_piece(&mut |_, b| Ok(bytes.extend_from_slice(b))).unwrap();
+    let bytes = bytes_of(&got.expect("a fetch from the running registry"));
     assert_eq!(&bytes, last_data);
 
     reg.stop();
@@ -261,10 +271,7 @@ fn fetcher_over_stopped_registry_fails_without_leaking_threads_or_fds() {
     let (first, first_data) = &objects[0];
     std::thread::sleep(wisp::daemon::fetcher::FAILURE_HOLD);
     let (got, _) = fetcher.get(first, std::slice::from_ref(&store));
-    let mut bytes = Vec::new();
-    got.expect("a fetch after the registry resumed")
-        .for_each_piece(&mut |_, b| Ok(bytes.extend_from_slice(b)))
-        .unwrap();
+    let bytes = bytes_of(&got.expect("a fetch after the registry resumed"));
     assert_eq!(&bytes, first_data);
 }
 

@@ -21,6 +21,11 @@ pub struct Args {
     /// Talk plain HTTP to registries (a local registry).
     #[arg(long)]
     plain_http: bool,
+    /// Seconds a registry may take to accept a connection or to send the next bytes of an answer
+    /// before the request fails (a stalled registry is reported, not waited for). Default: 30, or
+    /// $WISP_REGISTRY_TIMEOUT.
+    #[arg(long, value_name = "SECS")]
+    registry_timeout: Option<f64>,
     /// Keep files of at most this many bytes inside the index instead of as objects.
     #[arg(long, value_name = "BYTES", default_value_t = crate::convert::DEFAULT_INLINE_MAX)]
     inline_max: u64,
@@ -55,7 +60,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let topts = TransportOptions { plain_http: a.plain_http };
+    let topts = TransportOptions { plain_http: a.plain_http, timeout: oci::registry_timeout(a.registry_timeout) };
     let src = oci::open(&a.src, &topts, false).with_context(|| format!("opening {}", a.src))?;
     if a.hash_only {
         let start = std::time::Instant::now();

@@ -12,11 +12,20 @@ pub struct Args {
     /// Talk plain HTTP to registries (a local registry).
     #[arg(long)]
     plain_http: bool,
+    /// Seconds a registry may take to accept a connection or to send the next bytes of an answer
+    /// before the request fails (a stalled registry is reported, not waited for). Default: 30, or
+    /// $WISP_REGISTRY_TIMEOUT.
+    #[arg(long, value_name = "SECS")]
+    registry_timeout: Option<f64>,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let repo = oci::open(&a.image, &TransportOptions { plain_http: a.plain_http }, false)
-        .with_context(|| format!("opening {}", a.image))?;
+    let repo = oci::open(
+        &a.image,
+        &TransportOptions { plain_http: a.plain_http, timeout: oci::registry_timeout(a.registry_timeout) },
+        false,
+    )
+    .with_context(|| format!("opening {}", a.image))?;
     for t in oci::index_image::retag(&*repo)? {
         eprintln!("wisp keepalive: tagged {t}");
     }

@@ -23,6 +23,11 @@ pub struct Args {
     /// Talk plain HTTP to registries (a local registry).
     #[arg(long)]
     plain_http: bool,
+    /// Seconds a registry may take to accept a connection or to send the next bytes of an answer
+    /// before the request fails (a stalled registry is reported, not waited for). Default: 30, or
+    /// $WISP_REGISTRY_TIMEOUT.
+    #[arg(long, value_name = "SECS")]
+    registry_timeout: Option<f64>,
     /// Parallel object fetches.
     #[arg(long, default_value_t = 8)]
     jobs: usize,
@@ -35,7 +40,7 @@ pub fn run(a: Args) -> Result<()> {
     if !a.eager {
         bail!("only `wisp pull --eager` exists so far; lazy mounting is `wisp mount`");
     }
-    let topts = TransportOptions { plain_http: a.plain_http };
+    let topts = TransportOptions { plain_http: a.plain_http, timeout: oci::registry_timeout(a.registry_timeout) };
     let repo: Arc<dyn oci::Repo> =
         Arc::from(oci::open(&a.image, &topts, false).with_context(|| format!("opening {}", a.image))?);
     let store = store::open(a.store.as_ref(), &a.image, Arc::clone(&repo), false)?;

@@ -1,6 +1,13 @@
 //! The fetcher: an object's verified content from its store, with one flight per object, a bound on
 //! concurrent downloads, retries with backoff, and a deadline per request.
 //!
+//! Each download attempt runs on its own thread, which holds a slot of the concurrency bound until the
+//! download has really ended. The deadline is handed to the store ([`ObjectStore::open_by`]): a
+//! registry download still running then is cancelled (its connection closed), so its thread ends and
+//! its slot frees at the deadline. A store that cannot be cancelled (a hung local disk) keeps its
+//! slot until it returns, so stuck downloads never pile up past the bound: later requests wait for a
+//! slot and fail at their own deadline.
+//!
 //! Content is verified completely (blob digest of the stored bytes, sha256 and size of the content:
 //! [`crate::store::fetch_verified`]) before the caller sees any of it; small objects are held in
 //! memory, large ones spooled to an unlinked file in the cache's tmp directory.
@@ -18,7 +25,7 @@ use erofs::tree::Digest;
 use nix::errno::Errno;
 
 use crate::oci::objmap::ObjectEntry;
-use crate::store::{fetch_verified, ObjectStore};
+use crate::store::{fetch_verified_by, ObjectStore};
 
 /// Objects above this size are spooled to a file instead of memory.
 const SPOOL_ABOVE: u64 = 64 << 20;
@@ -130,8 +137,14 @@ pub struct Fetcher {
     failed: Mutex<HashMap<Digest, (Instant, Errno)>>,
     /// Verified content downloaded ahead of its first read, taken by the first [`Fetcher::get`].
     ready: Mutex<Ready>,
-    slots: Mutex<usize>,
-    slot_cv: Condvar,
+    /// Downloads running (the concurrency bound); shared with their threads, which free their slot.
+    slots: Arc<Slots>,
+}
+
+#[derive(Default)]
+struct Slots {
+    used: Mutex<usize>,
+    cv: Condvar,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -178,8 +191,7 @@ impl Fetcher {
             flights: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
             ready: Mutex::new(Ready::default()),
-            slots: Mutex::new(0),
-            slot_cv: Condvar::new(),
+            slots: Arc::default(),
         }
     }
 
@@ -281,15 +293,16 @@ impl Fetcher {
     fn download(&self, entry: &ObjectEntry, stores: &[Arc<dyn ObjectStore>]) -> Outcome {
         let start = Instant::now();
         let deadline = start + self.opts.deadline_for(entry.stored_size);
-        let _slot = self.acquire(deadline)?;
         let hex = hex::encode(entry.digest);
         let mut backoff = self.opts.backoff;
         let mut attempt = 0;
         loop {
             attempt += 1;
             let store = Arc::clone(&stores[(attempt as usize - 1) % stores.len().max(1)]);
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            match self.attempt(entry, store, remaining) {
+            let slot = self.acquire(deadline).inspect_err(|_| {
+                tracing::error!(object = %hex, attempt, "giving up on object: no download slot freed by the deadline");
+            })?;
+            match self.attempt(entry, store, deadline, slot) {
                 Ok(c) => return Ok(Arc::new(c)),
                 Err(e) => {
                     let timed_out = Instant::now() + backoff >= deadline;
@@ -305,55 +318,75 @@ impl Fetcher {
         }
     }
 
-    /// One download on its own thread, so that the deadline holds even when the store hangs.
-    fn attempt(&self, entry: &ObjectEntry, store: Arc<dyn ObjectStore>, within: Duration) -> anyhow::Result<Content> {
+    /// One download on its own thread, which holds `slot` until the download ends, so that the
+    /// deadline holds for the caller even when the store hangs, and the bound holds even then. The
+    /// store cancels the download at `deadline` where it can.
+    fn attempt(
+        &self,
+        entry: &ObjectEntry,
+        store: Arc<dyn ObjectStore>,
+        deadline: Instant,
+        slot: SlotGuard,
+    ) -> anyhow::Result<Content> {
         let (tx, rx) = mpsc::channel();
         let entry = *entry;
         let spool_dir = self.opts.spool_dir.clone();
         let delay = self.opts.delay;
         std::thread::Builder::new().name("wisp-fetch".into()).spawn(move || {
+            let _slot = slot;
             if !delay.is_zero() {
                 std::thread::sleep(delay);
             }
-            let _ = tx.send(fetch_one(&*store, &entry, &spool_dir));
+            let _ = tx.send(fetch_one(&*store, &entry, &spool_dir, deadline));
         })?;
-        match rx.recv_timeout(within) {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(r) => r,
             Err(_) => anyhow::bail!("no answer within the deadline"),
         }
     }
 
-    fn acquire(&self, deadline: Instant) -> Result<SlotGuard<'_>, Errno> {
-        let mut n = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+    fn acquire(&self, deadline: Instant) -> Result<SlotGuard, Errno> {
+        let mut n = self.slots.used.lock().unwrap_or_else(|p| p.into_inner());
         while *n >= self.opts.concurrency.max(1) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(Errno::ETIMEDOUT);
             }
-            n = self.slot_cv.wait_timeout(n, left).unwrap_or_else(|p| p.into_inner()).0;
+            n = self.slots.cv.wait_timeout(n, left).unwrap_or_else(|p| p.into_inner()).0;
         }
         *n += 1;
-        Ok(SlotGuard(self))
+        Ok(SlotGuard(Arc::clone(&self.slots)))
+    }
+
+    /// Downloads running now (slots of the concurrency bound in use).
+    pub fn running(&self) -> usize {
+        *self.slots.used.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-struct SlotGuard<'a>(&'a Fetcher);
+/// One slot of the concurrency bound, freed on drop.
+struct SlotGuard(Arc<Slots>);
 
-impl Drop for SlotGuard<'_> {
+impl Drop for SlotGuard {
     fn drop(&mut self) {
-        *self.0.slots.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-        self.0.slot_cv.notify_one();
+        *self.0.used.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.0.cv.notify_one();
     }
 }
 
-fn fetch_one(store: &dyn ObjectStore, entry: &ObjectEntry, spool_dir: &std::path::Path) -> anyhow::Result<Content> {
+fn fetch_one(
+    store: &dyn ObjectStore,
+    entry: &ObjectEntry,
+    spool_dir: &std::path::Path,
+    deadline: Instant,
+) -> anyhow::Result<Content> {
     if entry.size <= SPOOL_ABOVE {
         let mut v = Vec::with_capacity(usize::try_from(entry.size)?);
-        fetch_verified(store, entry, &mut v)?;
+        fetch_verified_by(store, entry, &mut v, Some(deadline))?;
         Ok(Content::Memory(v))
     } else {
         let mut file = tempfile::tempfile_in(spool_dir)?;
-        fetch_verified(store, entry, &mut file)?;
+        fetch_verified_by(store, entry, &mut file, Some(deadline))?;
         file.flush()?;
         let len = file.stream_position()?;
         Ok(Content::Spooled { file, len })
@@ -536,6 +569,64 @@ mod tests {
         assert_eq!(j, Joined::Fetched);
         assert!(started_rx.try_recv().is_err(), "one download only");
         assert!(f.ready().held.is_empty(), "a claimed warm download is not held");
+    }
+
+    /// A store whose opens block until released (a hung disk: nothing can cancel them), counting opens.
+    struct Hung {
+        data: Vec<u8>,
+        opens: AtomicU32,
+        release: Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl ObjectStore for Hung {
+        fn describe(&self) -> String {
+            "hung".into()
+        }
+        fn lookup(&self, _: &Digest, _: u64) -> anyhow::Result<Option<ObjectEntry>> {
+            Ok(None)
+        }
+        fn put(&self, _: &ObjectEntry, _: &Path) -> anyhow::Result<bool> {
+            Ok(false)
+        }
+        fn open(&self, _: &ObjectEntry) -> anyhow::Result<Box<dyn std::io::Read + Send>> {
+            if self.opens.fetch_add(1, Ordering::SeqCst) == 0 {
+                self.release.lock().unwrap().recv()?;
+            }
+            Ok(Box::new(std::io::Cursor::new(self.data.clone())))
+        }
+        fn staging_parent(&self) -> Option<PathBuf> {
+            None
+        }
+    }
+
+    /// A download that misses its deadline and cannot be cancelled keeps its slot until it really
+    /// ends: with a bound of one, the next request waits for the slot and fails at its own deadline
+    /// without starting a second download; once the stuck one returns, downloads run again.
+    #[test]
+    fn stuck_download_keeps_its_slot_until_it_ends() {
+        let data = b"hung bytes".repeat(10);
+        let (release_tx, release_rx) = mpsc::channel();
+        let hung = Arc::new(Hung { data: data.clone(), opens: AtomicU32::new(0), release: Mutex::new(release_rx) });
+        let store: Arc<dyn ObjectStore> = hung.clone();
+        let f = Fetcher::new(FetchOptions { concurrency: 1, deadline: Duration::from_millis(200), ..opts(1) });
+        let (a, mut b) = (entry_of(&data), entry_of(&data));
+        b.digest[0] ^= 1; // another object (never verified: it is never downloaded)
+        let t = Instant::now();
+        assert!(f.get(&a, &[Arc::clone(&store)]).0.is_err());
+        assert_eq!(f.running(), 1, "the stuck download holds its slot");
+        assert!(f.get(&b, &[Arc::clone(&store)]).0.is_err());
+        assert!(t.elapsed() < Duration::from_secs(2), "each request fails at its deadline: {:?}", t.elapsed());
+        assert_eq!(hung.opens.load(Ordering::SeqCst), 1, "no second download while the bound is used up");
+        release_tx.send(()).unwrap();
+        let t = Instant::now();
+        while f.running() > 0 {
+            assert!(t.elapsed() < Duration::from_secs(5), "the slot is freed once the download ends");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(FAILURE_HOLD);
+        let (r, _) = f.get(&a, &[store]);
+        assert!(matches!(&*r.unwrap(), Content::Memory(v) if *v == data));
+        assert_eq!(hung.opens.load(Ordering::SeqCst), 2);
     }
 
     /// A request right after a failed flight gets its error without a new download; after

@@ -72,7 +72,7 @@ type Opened = (ImageRef, Arc<dyn oci::Repo>, Arc<dyn ObjectStore>);
 
 fn open_store(spec: &ImageSpec) -> Result<Opened> {
     let r: ImageRef = spec.reference.parse()?;
-    let topts = TransportOptions { plain_http: spec.plain_http };
+    let topts = TransportOptions { plain_http: spec.plain_http, ..Default::default() };
     let repo: Arc<dyn oci::Repo> = Arc::from(oci::open(&r, &topts, false).with_context(|| format!("opening {r}"))?);
     let store_spec: Option<StoreSpec> = spec.store.as_deref().map(str::parse).transpose()?;
     let store = store::open(store_spec.as_ref(), &r, Arc::clone(&repo), false)?;

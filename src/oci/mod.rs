@@ -12,6 +12,7 @@ pub mod verify;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -71,10 +72,35 @@ impl std::fmt::Display for ImageRef {
 }
 
 /// Options every transport takes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct TransportOptions {
     /// Talk HTTP instead of HTTPS to registries (a local test registry).
     pub plain_http: bool,
+    /// How long a registry may take to accept a connection, and to send the next bytes of an answer
+    /// (its headers, then each read of its body). A registry that stalls longer fails the request
+    /// with an error naming it, instead of hanging the caller.
+    pub timeout: Duration,
+}
+
+/// The default of [`TransportOptions::timeout`] (`--registry-timeout`) when `$WISP_REGISTRY_TIMEOUT`
+/// does not set one.
+pub const DEFAULT_REGISTRY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The registry timeout a `--registry-timeout SECS` flag gives (at least 0.1 s); without one,
+/// `$WISP_REGISTRY_TIMEOUT` (seconds), else [`DEFAULT_REGISTRY_TIMEOUT`]. The daemon, which has no
+/// such flag, takes the variable too.
+pub fn registry_timeout(flag: Option<f64>) -> Duration {
+    let secs = flag.or_else(|| std::env::var("WISP_REGISTRY_TIMEOUT").ok()?.trim().parse().ok());
+    secs.filter(|s| s.is_finite())
+        .and_then(|s| Duration::try_from_secs_f64(s.max(0.1)).ok())
+        .unwrap_or(DEFAULT_REGISTRY_TIMEOUT)
+}
+
+impl Default for TransportOptions {
+    /// HTTPS, and the timeout of [`registry_timeout`]`(None)`.
+    fn default() -> Self {
+        TransportOptions { plain_http: false, timeout: registry_timeout(None) }
+    }
 }
 
 /// A manifest (or index) as stored.
@@ -93,6 +119,12 @@ pub trait Repo: Send + Sync {
     fn get_manifest(&self, reference: Option<&str>) -> Result<RawManifest>;
     /// The blob's bytes, verified against `digest` (and `size`, when given) as they are read.
     fn open_blob(&self, digest: &str, size: Option<u64>) -> Result<Box<dyn Read + Send>>;
+    /// [`Repo::open_blob`] with a deadline: a download that has not ended by then is cancelled (a
+    /// registry's connection is closed) and the reader fails. Local repositories ignore it.
+    fn open_blob_by(&self, digest: &str, size: Option<u64>, deadline: Instant) -> Result<Box<dyn Read + Send>> {
+        let _ = deadline;
+        self.open_blob(digest, size)
+    }
     /// Whether the blob is present.
     fn has_blob(&self, digest: &str) -> Result<bool>;
     /// Stores a blob from a file whose bytes have the given digest and size, unless the blob is

@@ -11,6 +11,7 @@ pub mod dir;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use erofs::tree::Digest;
@@ -29,6 +30,12 @@ pub trait ObjectStore: Send + Sync {
     fn put(&self, obj: &ObjectEntry, staged: &Path) -> Result<bool>;
     /// The stored bytes of `obj`, verified against its blob digest and stored size as they are read.
     fn open(&self, obj: &ObjectEntry) -> Result<Box<dyn Read + Send>>;
+    /// [`ObjectStore::open`] with a deadline: a download that has not ended by then is cancelled and
+    /// the reader fails ([`Repo::open_blob_by`]). Local stores ignore it.
+    fn open_by(&self, obj: &ObjectEntry, deadline: Instant) -> Result<Box<dyn Read + Send>> {
+        let _ = deadline;
+        self.open(obj)
+    }
     /// A directory on the same file system as the store for staging files (so `put` can rename), or
     /// `None` for any local directory.
     fn staging_parent(&self) -> Option<PathBuf>;
@@ -114,6 +121,12 @@ impl ObjectStore for RepoStore {
             .with_context(|| format!("object {}", hex::encode(obj.digest)))
     }
 
+    fn open_by(&self, obj: &ObjectEntry, deadline: Instant) -> Result<Box<dyn Read + Send>> {
+        self.repo
+            .open_blob_by(&obj.blob_digest(), Some(obj.stored_size), deadline)
+            .with_context(|| format!("object {}", hex::encode(obj.digest)))
+    }
+
     fn staging_parent(&self) -> Option<PathBuf> {
         self.staging.clone()
     }
@@ -122,8 +135,22 @@ impl ObjectStore for RepoStore {
 /// Reads object `obj` from `store` completely, checking the blob digest of the stored bytes and the
 /// content digest and size after decompression; writes the content to `out`.
 pub fn fetch_verified(store: &dyn ObjectStore, obj: &ObjectEntry, out: &mut dyn std::io::Write) -> Result<()> {
+    fetch_verified_by(store, obj, out, None)
+}
+
+/// [`fetch_verified`], with the download cancelled at `deadline` ([`ObjectStore::open_by`]).
+pub fn fetch_verified_by(
+    store: &dyn ObjectStore,
+    obj: &ObjectEntry,
+    out: &mut dyn std::io::Write,
+    deadline: Option<Instant>,
+) -> Result<()> {
     let what = || format!("object {} from {}", hex::encode(obj.digest), store.describe());
-    let stored = store.open(obj).with_context(what)?;
+    let stored = match deadline {
+        Some(d) => store.open_by(obj, d),
+        None => store.open(obj),
+    }
+    .with_context(what)?;
     let hex_digest = format!("sha256:{}", hex::encode(obj.digest));
     match obj.compression {
         Compression::None => {

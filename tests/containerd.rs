@@ -9,6 +9,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -16,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use common::{require, run, wisp_bin};
 
+/// The registry ports of the two tests (they run at the same time).
 const PORT: u16 = 5110;
+const GUARD_PORT: u16 = 5111;
 
 fn can_run() -> bool {
     if !require(common::is_root(), "needs root (containerd, mounts)") {
@@ -29,7 +32,7 @@ fn can_run() -> bool {
     if !require(ok.is_ok(), &format!("fanotify pre-content marks unavailable: {:?}", ok.err())) {
         return false;
     }
-    ["containerd", "ctr", "runc", "docker-registry"]
+    ["containerd", "ctr", "runc", "docker-registry", "setpriv"]
         .iter()
         .all(|c| require(common::have(c), &format!("{c} is not installed (scripts/setup)")))
 }
@@ -86,6 +89,7 @@ fn wait_for(what: &str, log: &Path, mut ok: impl FnMut() -> bool) {
 /// The whole node: registry, wisp daemon, wisp snapshotter, containerd.
 struct Node {
     dir: PathBuf,
+    port: u16,
     registry: String,
     containerd: Option<Proc>,
     snapshotter: Option<Proc>,
@@ -93,6 +97,33 @@ struct Node {
 }
 
 impl Node {
+    /// A scratch directory, a registry on `port` with the corpus's python images, and wisp index
+    /// images of the python `tags` (as wisp/python:TAG); returns the node and the registry's log.
+    fn setup(name: &str, port: u16, tags: &[&str]) -> (Node, PathBuf) {
+        let dir = PathBuf::from(format!("/var/tmp/wisp-containerd-test-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let root = common::repo_root();
+        let _ = Command::new(root.join("scripts/registry")).args(["stop", "--port", &port.to_string()]).status();
+        run(Command::new(root.join("scripts/registry"))
+            .args(["start", "--port", &port.to_string(), "--root"])
+            .arg(dir.join("registry")));
+        let registry = format!("127.0.0.1:{port}");
+        let state_base = std::env::var("WISP_REGISTRY_STATE").unwrap_or_else(|_| "/tmp/wisp-registry".into());
+        let log = PathBuf::from(state_base).join(port.to_string()).join("registry.log");
+        let node = Node { dir, port, registry, containerd: None, snapshotter: None, daemon: None };
+        run(Command::new(root.join("scripts/corpus")).args(["push", "--registry", &node.registry, "python"]));
+        for tag in tags {
+            run(Command::new(wisp_bin()).args([
+                "convert",
+                &format!("docker://{}/python:{tag}", node.registry),
+                &format!("docker://{}/wisp/python:{tag}", node.registry),
+                "--plain-http",
+            ]));
+        }
+        (node, log)
+    }
+
     fn sock(&self) -> PathBuf {
         self.dir.join("containerd/containerd.sock")
     }
@@ -235,7 +266,7 @@ impl Drop for Node {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
         let _ = Command::new(common::repo_root().join("scripts/registry"))
-            .args(["stop", "--port", &PORT.to_string()])
+            .args(["stop", "--port", &self.port.to_string()])
             .status();
         if !std::thread::panicking() {
             let _ = fs::remove_dir_all(&self.dir);
@@ -315,27 +346,8 @@ fn containerd_runs_wisp_images_lazily() {
         return;
     }
     let started = Instant::now();
-    let dir = PathBuf::from(format!("/var/tmp/wisp-containerd-test-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    let root = common::repo_root();
-    let _ = Command::new(root.join("scripts/registry")).args(["stop", "--port", &PORT.to_string()]).status();
-    run(Command::new(root.join("scripts/registry"))
-        .args(["start", "--port", &PORT.to_string(), "--root"])
-        .arg(dir.join("registry")));
-    let registry = format!("127.0.0.1:{PORT}");
-    let state_base = std::env::var("WISP_REGISTRY_STATE").unwrap_or_else(|_| "/tmp/wisp-registry".into());
-    let log = PathBuf::from(state_base).join(PORT.to_string()).join("registry.log");
-    let mut node = Node { dir: dir.clone(), registry, containerd: None, snapshotter: None, daemon: None };
-    run(Command::new(root.join("scripts/corpus")).args(["push", "--registry", &node.registry, "python"]));
-    for tag in ["v1", "v2"] {
-        run(Command::new(wisp_bin()).args([
-            "convert",
-            &format!("docker://{}/python:{tag}", node.registry),
-            &format!("docker://{}/wisp/python:{tag}", node.registry),
-            "--plain-http",
-        ]));
-    }
+    let (mut node, log) = Node::setup("lazy", PORT, &["v1", "v2"]);
+    let dir = node.dir.clone();
     node.start_daemon();
     node.start_snapshotter();
     node.start_containerd();
@@ -485,4 +497,247 @@ fn containerd_runs_wisp_images_lazily() {
     let kept = v1_objects.iter().filter(|o| cache.join(&o.0[..2]).join(&o.0).exists()).count();
     assert_eq!(kept, v1_objects.len(), "object files left the node cache");
     eprintln!("containerd test: {:.1}s", started.elapsed().as_secs_f64());
+}
+
+/// Runs `cmd args` as the unprivileged user nobody (uid and gid 65534, no supplementary groups).
+fn as_nobody(cmd: &str, args: &[&OsStr]) -> Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", cmd])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// An uncompressed layer holding `entries` (path, symlink target or file bytes); returns (tar, digest).
+fn layer_of(entries: &[(&str, Result<&str, &[u8]>)]) -> (Vec<u8>, String) {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, what) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        match what {
+            Ok(target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                b.append_link(&mut h, path, target).unwrap();
+            }
+            Err(bytes) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(bytes.len() as u64);
+                b.append_data(&mut h, path, *bytes).unwrap();
+            }
+        }
+    }
+    let tar = b.into_inner().unwrap();
+    let digest = wisp::oci::types::sha256_digest(&tar);
+    (tar, digest)
+}
+
+/// Pushes `docker://REGISTRY/REPO:TAG`: the layers of `base` (a python image in the same repository)
+/// plus `top`, its manifest annotated as a wisp index image (anyone can write an annotation). Returns
+/// the chain id of its top layer's snapshot.
+fn push_crafted(registry: &str, repo: &str, tag: &str, base: Option<&str>, top: (Vec<u8>, String)) -> String {
+    use wisp::oci::types::*;
+    let topts = wisp::oci::TransportOptions { plain_http: true };
+    let open = |r: String| wisp::oci::open(&r.parse().unwrap(), &topts, false).unwrap();
+    let dst = open(format!("docker://{registry}/{repo}:{tag}"));
+    let src = wisp::oci::resolve_source(&*open(format!("docker://{registry}/python:v1"))).unwrap();
+    let mut config = src.config.clone();
+    let mut layers = Vec::new();
+    let mut diff_ids: Vec<String> = Vec::new();
+    if let Some(b) = base {
+        let base = wisp::oci::resolve_source(&*open(format!("docker://{registry}/{b}"))).unwrap();
+        layers = base.manifest.layers.clone();
+        diff_ids = serde_json::from_value(base.config["rootfs"]["diff_ids"].clone()).unwrap();
+        assert_eq!(layers.len(), diff_ids.len());
+    }
+    let (tar, digest) = top;
+    dst.put_blob(&digest, &tar).unwrap();
+    layers.push(Descriptor {
+        media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        digest: digest.clone(),
+        size: tar.len() as u64,
+        ..Default::default()
+    });
+    diff_ids.push(digest);
+    config["rootfs"] = serde_json::json!({"type": "layers", "diff_ids": diff_ids});
+    config.as_object_mut().unwrap().remove("history");
+    let config = serde_json::to_vec(&config).unwrap();
+    let config_digest = sha256_digest(&config);
+    dst.put_blob(&config_digest, &config).unwrap();
+    let manifest = ImageManifest {
+        schema_version: 2,
+        media_type: Some(MT_OCI_MANIFEST.into()),
+        artifact_type: None,
+        config: Descriptor {
+            media_type: MT_OCI_CONFIG.into(),
+            digest: config_digest,
+            size: config.len() as u64,
+            ..Default::default()
+        },
+        layers,
+        annotations: [("org.wisp.format.version".to_string(), "1".to_string())].into(),
+    };
+    dst.put_manifest(&serde_json::to_vec(&manifest).unwrap(), MT_OCI_MANIFEST, Some(tag)).unwrap();
+    // The chain id of the top layer (image-spec config.md: sha256 of "PARENT DIFF_ID").
+    diff_ids.iter().skip(1).fold(diff_ids[0].clone(), |chain, d| sha256_digest(format!("{chain} {d}").as_bytes()))
+}
+
+/// The defects of issue 16 in the snapshotter: a layer whose `wisp` is a symbolic link to another
+/// snapshot's index (or that holds index files, or whose manifest claims to be a wisp index) runs as
+/// the ordinary layer it is and mounts nothing through the daemon; a wisp image still runs lazily;
+/// and an unprivileged user can neither talk to the snapshotter's socket (even one made
+/// world-writable: its peer is checked) nor reach the files under its root, such as a layer's setuid
+/// programs.
+#[test]
+fn containerd_snapshotter_takes_only_wisp_layers_and_only_root() {
+    if !can_run() {
+        return;
+    }
+    let started = Instant::now();
+    let (mut node, log) = Node::setup("guard", GUARD_PORT, &["v1"]);
+    node.start_daemon();
+    node.start_snapshotter();
+    node.start_containerd();
+    let reg = node.registry.clone();
+    let v1 = format!("{reg}/wisp/python:v1");
+    node.ctr(&["images", "pull", "--plain-http", "--snapshotter", "wisp", &v1]);
+    // The index another tenant's image would point at: the wisp image's unpacked layer.
+    let index_dir = fs::read_dir(node.snap_root().join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("fs/wisp"))
+        .find(|p| p.join("index.erofs").is_file())
+        .expect("the unpacked wisp layer");
+    let victim = index_dir.to_str().unwrap().to_owned();
+    let erofs = fs::read(index_dir.join("index.erofs")).unwrap();
+    let map = fs::read(index_dir.join("objects.map")).unwrap();
+
+    // Crafted images, each manifest annotated as a wisp index image.
+    let link = layer_of(&[("wisp", Ok(victim.as_str()))]);
+    push_crafted(&reg, "python", "evil-link", Some("python:v1"), link.clone());
+    let files = layer_of(&[("wisp/index.erofs", Err(erofs.as_slice())), ("wisp/objects.map", Err(map.as_slice()))]);
+    push_crafted(&reg, "python", "evil-files", Some("python:v1"), files);
+    let lone_chain = push_crafted(&reg, "evil/lone", "v1", None, link);
+    let off = log_len(&log);
+    let mounts_before = node.daemon_status()["mounts"].as_array().unwrap().len();
+    assert_eq!(mounts_before, 0);
+
+    // A symbolic link to another snapshot's index: an ordinary layer (the link is just a link).
+    let img = format!("{reg}/python:evil-link");
+    node.ctr(&["images", "pull", "--plain-http", "--snapshotter", "wisp", &img]);
+    let out = node.ctr(&[
+        "run",
+        "--snapshotter",
+        "wisp",
+        "--rm",
+        &img,
+        "c-link",
+        "python3",
+        "-c",
+        "import os; print(os.readlink('/wisp')); print(os.path.exists('/usr/bin/python3'))",
+    ]);
+    assert_eq!(out, format!("{victim}\nTrue\n"));
+    // Real index files in an ordinary image's layer: ordinary files.
+    let img = format!("{reg}/python:evil-files");
+    node.ctr(&["images", "pull", "--plain-http", "--snapshotter", "wisp", &img]);
+    let out = node.ctr(&[
+        "run",
+        "--snapshotter",
+        "wisp",
+        "--rm",
+        &img,
+        "c-files",
+        "python3",
+        "-c",
+        "import hashlib; print(hashlib.sha256(open('/wisp/index.erofs','rb').read()).hexdigest())",
+    ]);
+    assert_eq!(out.trim(), hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&erofs)));
+    // A one-layer image (the shape of a wisp index image) whose `wisp` links to the other index: a
+    // snapshot on it gets that layer's own directory, not a lazy mount of the other image.
+    let img = format!("{reg}/evil/lone:v1");
+    node.ctr(&["images", "pull", "--plain-http", "--snapshotter", "wisp", &img]);
+    node.ctr(&["snapshots", "--snapshotter", "wisp", "prepare", "k-lone", &lone_chain]);
+    let (_, lowers) = overlay_dirs(&node, "k-lone");
+    assert_eq!(lowers.len(), 1, "{lowers:?}");
+    assert!(lowers[0].starts_with(node.snap_root().join("snapshots")), "not the layer's own directory: {lowers:?}");
+    assert!(fs::symlink_metadata(lowers[0].join("wisp")).unwrap().file_type().is_symlink());
+    node.ctr(&["snapshots", "--snapshotter", "wisp", "rm", "k-lone"]);
+    assert!(wisp_lowers_mounted(&node).is_empty(), "{:?}", wisp_lowers_mounted(&node));
+    assert_eq!(node.daemon_status()["mounts"].as_array().unwrap().len(), 0, "the daemon mounted an index");
+    let v1_blobs: HashSet<String> = unpacked_objects(&node.snap_root()).into_iter().flatten().map(|o| o.1).collect();
+    let fetched: Vec<_> = blobs_served(&log, off).into_iter().filter(|(d, _)| v1_blobs.contains(d)).collect();
+    assert!(fetched.is_empty(), "the crafted images fetched wisp objects: {fetched:?}");
+
+    // The wisp image itself still runs lazily on its checked index.
+    let off = log_len(&log);
+    node.ctr(&["run", "-d", "--snapshotter", "wisp", &v1, "c-wisp", "sleep", "1000"]);
+    let (_, lowers) = overlay_dirs(&node, "c-wisp");
+    assert!(lowers.len() == 1 && lowers[0].starts_with(node.snap_root().join("wisp")), "{lowers:?}");
+    assert_eq!(node.ctr(&["tasks", "exec", "--exec-id", "e1", "c-wisp", "python3", "-c", STARTUP]).trim(), "1");
+    let served = blobs_served(&log, off);
+    assert!(!served.is_empty() && served.iter().all(|(d, _)| v1_blobs.contains(d)), "not lazy: {served:?}");
+    assert_eq!(node.daemon_status()["mounts"].as_array().unwrap().len(), 1);
+
+    // The socket: root gets answers (the same client, so the refusals below are the snapshotter's).
+    let snap_sock = node.dir.join("snapshotter.sock");
+    let ls = |who_nobody: bool| {
+        let args: Vec<&OsStr> = vec![
+            "--address".as_ref(),
+            snap_sock.as_os_str(),
+            "--connect-timeout".as_ref(),
+            "3s".as_ref(),
+            "--timeout".as_ref(),
+            "10s".as_ref(),
+            "snapshots".as_ref(),
+            "ls".as_ref(),
+        ];
+        if who_nobody {
+            as_nobody("ctr", &args)
+        } else {
+            Command::new("ctr").args(&args).output().unwrap()
+        }
+    };
+    let root_ls = ls(false);
+    assert!(root_ls.status.success(), "root: {}", String::from_utf8_lossy(&root_ls.stderr));
+    assert!(String::from_utf8_lossy(&root_ls.stdout).contains("Committed"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(fs::metadata(&snap_sock).unwrap().permissions().mode() & 0o777, 0o600);
+    let out = ls(true);
+    assert!(!out.status.success(), "nobody listed snapshots: {}", String::from_utf8_lossy(&out.stdout));
+    // Even through a socket anyone may open, the snapshotter answers root only (SO_PEERCRED).
+    fs::set_permissions(&snap_sock, fs::Permissions::from_mode(0o666)).unwrap();
+    let out = ls(true);
+    assert!(
+        !out.status.success(),
+        "nobody listed snapshots through a 0666 socket: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    eprintln!("nobody, 0666 socket: {}", String::from_utf8_lossy(&out.stderr).trim());
+
+    // The root and its directories are 0700; nobody reaches nothing under them, not even a setuid
+    // program of a layer.
+    let root = node.snap_root();
+    for d in [root.clone(), root.join("snapshots"), root.join("wisp")] {
+        assert_eq!(fs::metadata(&d).unwrap().permissions().mode() & 0o7777, 0o700, "{}", d.display());
+    }
+    let setuid = Command::new("find")
+        .arg(root.join("snapshots"))
+        .args(["-xdev", "-type", "f", "-perm", "-4000", "-print", "-quit"])
+        .output()
+        .unwrap();
+    let setuid = String::from_utf8(setuid.stdout).unwrap().trim().to_owned();
+    assert!(!setuid.is_empty(), "no setuid program in python:v1's layers");
+    let metadata = root.join("metadata.json");
+    for p in [setuid.as_str(), metadata.to_str().unwrap(), victim.as_str()] {
+        let out = as_nobody("stat", &[p.as_ref()]);
+        assert!(!out.status.success(), "nobody reached {p}: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    let out = as_nobody("ls", &[root.as_os_str()]);
+    assert!(!out.status.success(), "nobody listed {}", root.display());
+    node.remove_containers();
+    for img in ["wisp/python:v1", "python:evil-link", "python:evil-files", "evil/lone:v1"] {
+        node.ctr(&["images", "rm", "--sync", &format!("{reg}/{img}")]);
+    }
+    assert!(wisp_lowers_mounted(&node).is_empty(), "{:?}", wisp_lowers_mounted(&node));
+    eprintln!("containerd guard test: {:.1}s", started.elapsed().as_secs_f64());
 }

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -142,28 +143,87 @@ fn read_pulled(dir: &Path, id: &str, spec: ImageSpec, store: Arc<dyn ObjectStore
     Ok(Some(Image { id: id.to_owned(), dir: dir.to_path_buf(), spec, devices, store, prefetch }))
 }
 
+/// The files of an index layer a container runtime unpacked: `index.erofs`, `objects.map` and the
+/// optional `prefetch.list`.
+#[derive(Debug, Clone)]
+pub struct LocalIndex {
+    pub erofs: Vec<u8>,
+    pub map: Vec<u8>,
+    pub prefetch: Option<Vec<u8>>,
+}
+
+/// The largest index file read from a local directory (the same bound as an index layer's members).
+const MAX_LOCAL_FILE: u64 = 1 << 30;
+
+/// Reads the index files in `index_dir` without following any symbolic link: `index_dir` is resolved
+/// with `RESOLVE_NO_SYMLINKS` (no component of it may be a link, so a layer's `wisp -> elsewhere`
+/// cannot point the read at another snapshot), each file is opened beneath it the same way and must
+/// be a regular file.
+pub fn read_local_index(index_dir: &Path) -> Result<LocalIndex> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
+    let no_links = ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    if !index_dir.is_absolute() {
+        anyhow::bail!("{}: the index directory must be an absolute path", index_dir.display());
+    }
+    let dir = rustix::fs::openat2(
+        CWD,
+        index_dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        no_links,
+    )
+    .with_context(|| format!("opening {} (without following symbolic links)", index_dir.display()))?;
+    let read = |name: &str| -> Result<Option<Vec<u8>>> {
+        let path = index_dir.join(name);
+        // O_NONBLOCK: a FIFO in the layer cannot hold the open; anything not regular is refused below.
+        let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
+        let fd = match rustix::fs::openat2(&dir, name, flags, Mode::empty(), no_links | ResolveFlags::BENEATH) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(e) => {
+                return Err(e).with_context(|| format!("opening {} (without following symbolic links)", path.display()))
+            }
+        };
+        let st = rustix::fs::fstat(&fd).with_context(|| format!("stat {}", path.display()))?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+            anyhow::bail!("{}: not a regular file", path.display());
+        }
+        if st.st_size as u64 > MAX_LOCAL_FILE {
+            anyhow::bail!("{}: {} bytes, more than an index file may have", path.display(), st.st_size);
+        }
+        let mut bytes = Vec::new();
+        fs::File::from(fd)
+            .take(MAX_LOCAL_FILE)
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok(Some(bytes))
+    };
+    let erofs = read("index.erofs")?.with_context(|| format!("{} has no index.erofs", index_dir.display()))?;
+    let map = read("objects.map")?.with_context(|| format!("{} has no objects.map", index_dir.display()))?;
+    Ok(LocalIndex { erofs, map, prefetch: read("prefetch.list")? })
+}
+
 /// Takes the index of `spec` from a local directory (`index.erofs` and `objects.map`, as unpacked from
-/// the index image's layer by a container runtime, which verified the layer's digest). The image id is
-/// the sha256 of `index.erofs`; `spec.reference` names the repository of the objects.
+/// the index image's layer by a container runtime, which verified the layer's digest), read without
+/// following symbolic links ([`read_local_index`]). The image id is the sha256 of `index.erofs`;
+/// `spec.reference` names the repository of the objects.
 pub fn from_local(state: &Path, index_dir: &Path, spec: &ImageSpec) -> Result<Image> {
     let (_, _, store) = open_store(spec)?;
+    let local = read_local_index(index_dir)?;
     let erofs_path = index_dir.join("index.erofs");
-    let erofs_bytes = fs::read(&erofs_path).with_context(|| format!("reading {}", erofs_path.display()))?;
     let map_path = index_dir.join("objects.map");
-    let map_bytes = fs::read(&map_path).with_context(|| format!("reading {}", map_path.display()))?;
-    let objects = objmap::decode(&map_bytes).with_context(|| format!("decoding {}", map_path.display()))?;
-    let devices = device_order(&erofs_bytes, &objects).with_context(|| format!("{}", erofs_path.display()))?;
-    let id = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&erofs_bytes));
+    let objects = objmap::decode(&local.map).with_context(|| format!("decoding {}", map_path.display()))?;
+    let devices = device_order(&local.erofs, &objects).with_context(|| format!("{}", erofs_path.display()))?;
+    let id = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&local.erofs));
     let dir = images_dir(state).join(&id);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_atomic(&dir.join("objects.map"), &map_bytes)?;
+    write_atomic(&dir.join("objects.map"), &local.map)?;
     write_atomic(&dir.join("image.json"), &serde_json::to_vec_pretty(spec)?)?;
-    write_atomic(&dir.join("index.erofs"), &erofs_bytes)?;
-    let list = read_optional(&index_dir.join("prefetch.list"))?;
-    if let Some(list) = &list {
+    write_atomic(&dir.join("index.erofs"), &local.erofs)?;
+    if let Some(list) = &local.prefetch {
         write_atomic(&dir.join("prefetch.list"), list)?;
     }
-    Ok(Image { id, dir, spec: spec.clone(), devices, store, prefetch: prefetch_of(list.as_deref()) })
+    Ok(Image { id, dir, spec: spec.clone(), devices, store, prefetch: prefetch_of(local.prefetch.as_deref()) })
 }
 
 /// Loads an image pulled earlier (after a daemon restart).
@@ -202,5 +262,39 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
         Ok(b) => Ok(Some(b)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_index_is_read_without_following_links() {
+        let t = tempfile::tempdir().unwrap();
+        let real = t.path().join("a/wisp");
+        fs::create_dir_all(&real).unwrap();
+        fs::write(real.join("index.erofs"), b"erofs").unwrap();
+        fs::write(real.join("objects.map"), b"map").unwrap();
+        let got = read_local_index(&real).unwrap();
+        assert_eq!((got.erofs.as_slice(), got.map.as_slice(), got.prefetch), (&b"erofs"[..], &b"map"[..], None));
+        // `wisp -> another layer's wisp`: refused, as is a link in a file's place or in the path.
+        let b = t.path().join("b");
+        fs::create_dir_all(&b).unwrap();
+        std::os::unix::fs::symlink(&real, b.join("wisp")).unwrap();
+        let e = read_local_index(&b.join("wisp")).unwrap_err();
+        assert!(format!("{e:#}").contains("without following symbolic links"), "{e:#}");
+        let c = t.path().join("c/wisp");
+        fs::create_dir_all(&c).unwrap();
+        std::os::unix::fs::symlink(real.join("index.erofs"), c.join("index.erofs")).unwrap();
+        fs::write(c.join("objects.map"), b"map").unwrap();
+        assert!(read_local_index(&c).is_err());
+        // A FIFO where a file should be: refused, without blocking.
+        let d = t.path().join("d/wisp");
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("index.erofs"), b"erofs").unwrap();
+        nix::unistd::mkfifo(&d.join("objects.map"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = read_local_index(&d).unwrap_err();
+        assert!(format!("{e:#}").contains("not a regular file"), "{e:#}");
     }
 }

@@ -89,7 +89,9 @@ pub struct MountRequest {
     pub frontend: FrontendKind,
     /// A local directory holding the image's `index.erofs` and `objects.map` (an index layer a container
     /// runtime has already unpacked): the daemon copies them instead of pulling the index image, and
-    /// `reference` then only names the repository that holds the objects.
+    /// `reference` then only names the repository that holds the objects. An absolute path with no
+    /// symbolic link in it: the daemon resolves it and the files in it with `RESOLVE_NO_SYMLINKS`, and
+    /// each must be a regular file (`images::read_local_index`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<PathBuf>,
     /// Mount only the EROFS index at `dir`, without overlayfs (the caller, e.g. the containerd

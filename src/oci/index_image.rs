@@ -112,6 +112,18 @@ fn tar_of(files: &[(&str, &[u8])]) -> Result<Vec<u8>> {
     Ok(b.into_inner()?)
 }
 
+/// The uncompressed index layer (its sha256 is the layer's diff id): `wisp/index.erofs`,
+/// `wisp/objects.map` and the optional `wisp/prefetch.list`, in that order, with fixed headers (mode
+/// 0444, uid and gid 0, mtime 0). Deterministic, so the files a runtime unpacked from an index layer
+/// rebuild the same bytes: the containerd snapshotter checks an unpacked layer against its diff id so.
+pub fn layer_tar(erofs: &[u8], map: &[u8], prefetch: Option<&[u8]>) -> Result<Vec<u8>> {
+    let mut members: Vec<(&str, &[u8])> = vec![(INDEX_PATH, erofs), (MAP_PATH, map)];
+    if let Some(list) = prefetch {
+        members.push((PREFETCH_PATH, list));
+    }
+    tar_of(&members)
+}
+
 fn desc(media_type: &str, bytes: &[u8]) -> Descriptor {
     Descriptor {
         media_type: media_type.into(),
@@ -147,11 +159,7 @@ pub fn build(
         map.push(*e);
     }
     let map_bytes = objmap::encode(&map);
-    let mut members: Vec<(&str, &[u8])> = vec![(INDEX_PATH, &erofs_image), (MAP_PATH, &map_bytes)];
-    if let Some(list) = prefetch {
-        members.push((PREFETCH_PATH, list));
-    }
-    let tar = tar_of(&members)?;
+    let tar = layer_tar(&erofs_image, &map_bytes, prefetch)?;
     let diff_id = sha256_digest(&tar);
     let (layer, layer_mt) = compress_layer(&tar, compression)?;
     let layer_desc = desc(layer_mt, &layer);

@@ -1,23 +1,32 @@
-//! Asking containerd where a wisp layer came from. `ctr image pull` (containerd 1.6) passes no image
-//! reference to the snapshotter: its snapshot labels are only `containerd.io/snapshot.ref` (the chain
-//! id). But containerd's content store labels every blob it pulled with
-//! `containerd.io/distribution.source.<registry host>=<repository>`, and the layer blob it unpacked
-//! with `containerd.io/uncompressed=<diff id>`. A wisp index image has one layer, so the committed
-//! snapshot's chain id is that layer's diff id: a Content.List with that label finds the layer blob.
-//! The distribution-source label alone is not enough (containerd drops the registry's port from its
-//! key), so the manifests that name the layer (`containerd.io/gc.ref.content.l.0`) are matched against
-//! the image store's targets (or their index's `gc.ref.content.m.N` children): the image's name is the
-//! reference, preferring a name in the repository the layer was fetched from.
+//! Asking containerd whether a layer is a wisp index, and where it came from. `ctr image pull`
+//! (containerd 1.6) passes the snapshotter neither the image nor its manifest: the unpack's snapshot
+//! labels are at most `containerd.io/snapshot.ref` (the chain id). But containerd's content store
+//! labels the layer blob it unpacked with `containerd.io/uncompressed=<diff id>`, and every manifest
+//! with `containerd.io/gc.ref.content.l.<i>=<layer digest>`. A wisp index image has one layer, so the
+//! committed snapshot's chain id is that layer's diff id: a Content.List with that label finds the
+//! layer blob, a second one the manifests whose first layer it is. The layer is a wisp index when one
+//! of those manifests, read from the content store, is an index image manifest: the
+//! `org.wisp.format.version` annotation this wisp reads and exactly that one layer. (Under CRI the
+//! snapshot's `containerd.io/snapshot/cri.manifest-digest` and `cri.layer-digest` labels name the pair
+//! directly, which also works when the layer blob was discarded after unpacking.)
+//!
+//! The reference: the image store's images whose target is such a manifest (or an index whose
+//! `gc.ref.content.m.N` labels name one) give it, preferring CRI's `cri.image-ref` label, then a name
+//! in the repository the layer was fetched from (`containerd.io/distribution.source.<host>`, whose key
+//! drops the registry's port, so it cannot be the answer itself).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use containerd_client::services::v1::content_client::ContentClient;
 use containerd_client::services::v1::images_client::ImagesClient;
-use containerd_client::services::v1::{InfoRequest, ListContentRequest, ListImagesRequest};
+use containerd_client::services::v1::{InfoRequest, ListContentRequest, ListImagesRequest, ReadContentRequest};
 use containerd_snapshots::tonic;
 use containerd_snapshots::tonic::transport::Channel;
+
+use crate::oci::index_image;
+use crate::oci::types::ImageManifest;
 
 /// A client of containerd's content service.
 #[derive(Debug)]
@@ -33,26 +42,33 @@ impl ContainerdClient {
         ContainerdClient { address: address.to_owned(), handle }
     }
 
-    /// `docker://HOST/REPO` of the layer committed as the backend snapshot `name`
-    /// (`NAMESPACE/N/CHAIN_ID`, as containerd's metadata store names backend snapshots). Call from a
-    /// blocking thread, not from the runtime's own.
-    pub fn layer_source(&self, name: &str) -> Result<String> {
+    /// `Some(docker://HOST/REPO)` when the layer committed as the backend snapshot `name`
+    /// (`NAMESPACE/N/CHAIN_ID`, as containerd's metadata store names backend snapshots) is the one
+    /// layer of a wisp index image, `None` when it is not (or containerd knows no image with it).
+    /// `labels` are the snapshot's own. Call from a blocking thread, not from the runtime's own.
+    pub fn wisp_source(&self, name: &str, labels: &BTreeMap<String, String>) -> Result<Option<String>> {
         let mut parts = name.splitn(3, '/');
         let (Some(ns), Some(_), Some(chain)) = (parts.next(), parts.next(), parts.next()) else {
-            bail!("{name:?} is not a snapshot name containerd's metadata store made (NAMESPACE/N/KEY)");
+            return Ok(None);
         };
         if !chain.starts_with("sha256:") {
-            bail!("snapshot {name:?}: its key {chain:?} is not a chain id");
+            return Ok(None);
         }
         self.handle.block_on(async {
             let channel = containerd_client::connect(&self.address)
                 .await
                 .with_context(|| format!("connecting to containerd at {}", self.address.display()))?;
             let q = Query { ns, content: ContentClient::new(channel.clone()), images: ImagesClient::new(channel) };
-            q.source(chain).await
+            q.wisp_source(chain, labels).await
         })
     }
 }
+
+const CRI_REF: &str = "containerd.io/snapshot/cri.image-ref";
+const CRI_MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+const CRI_LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
+/// Manifests are small; a larger blob is not read as one.
+const MAX_MANIFEST: i64 = 4 << 20;
 
 /// The lookups of one [`ContainerdClient::layer_source`] call, in one namespace.
 struct Query<'a> {
@@ -84,23 +100,85 @@ impl Query<'_> {
         Ok(out)
     }
 
-    async fn source(&self, chain: &str) -> Result<String> {
-        let layers = self.blobs(format!("labels.\"containerd.io/uncompressed\"=={chain}")).await?;
-        let Some((layer, layer_labels)) = layers.into_iter().next() else {
-            bail!("no blob in namespace {:?} of containerd's content store unpacks to {chain}", self.ns)
+    /// The bytes of a (small) blob.
+    async fn read(&self, digest: &str) -> Result<Vec<u8>> {
+        let info = self
+            .content
+            .clone()
+            .info(self.request(InfoRequest { digest: digest.to_owned() })?)
+            .await
+            .with_context(|| format!("Content.Info {digest}"))?
+            .into_inner()
+            .info
+            .unwrap_or_default();
+        if info.size > MAX_MANIFEST {
+            bail!("blob {digest}: {} bytes, too large for a manifest", info.size);
+        }
+        let mut stream = self
+            .content
+            .clone()
+            .read(self.request(ReadContentRequest { digest: digest.to_owned(), offset: 0, size: 0 })?)
+            .await
+            .with_context(|| format!("Content.Read {digest}"))?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(resp) = stream.message().await.with_context(|| format!("Content.Read {digest}"))? {
+            out.extend_from_slice(&resp.data);
+            if out.len() as i64 > MAX_MANIFEST {
+                bail!("blob {digest}: more than {MAX_MANIFEST} bytes, too large for a manifest");
+            }
+        }
+        let got = crate::oci::types::sha256_digest(&out);
+        if got != digest {
+            bail!("blob {digest} read from containerd has digest {got}");
+        }
+        Ok(out)
+    }
+
+    /// Whether `manifest` is a wisp index image manifest whose one layer is `layer`. A blob that is
+    /// missing or not a manifest is not.
+    async fn is_wisp_manifest(&self, manifest: &str, layer: &str) -> Result<bool> {
+        let bytes = match self.read(manifest).await {
+            Ok(b) => b,
+            Err(e) if is_not_found(&e) => return Ok(false),
+            Err(e) => return Err(e),
         };
-        // Repositories the layer came from (the host part of the label has no port).
-        let repos: Vec<String> = layer_labels
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix(SOURCE_LABEL).map(|h| (h, v)))
-            .flat_map(|(h, v)| v.split(',').map(move |r| format!("{h}/{r}")))
-            .collect();
-        let manifests: HashSet<String> = self
-            .blobs(format!("labels.\"containerd.io/gc.ref.content.l.0\"=={layer}"))
-            .await?
-            .into_iter()
-            .map(|(d, _)| d)
-            .collect();
+        let Ok(m) = serde_json::from_slice::<ImageManifest>(&bytes) else { return Ok(false) };
+        Ok(m.annotations.get(index_image::ANN_FORMAT).map(String::as_str) == Some(index_image::FORMAT_VERSION)
+            && matches!(m.layers.as_slice(), [l] if l.digest == layer))
+    }
+
+    async fn wisp_source(&self, chain: &str, labels: &BTreeMap<String, String>) -> Result<Option<String>> {
+        // (layer digest, manifest digest) pairs to check, and the repositories the layer came from.
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        if let (Some(m), Some(l)) = (labels.get(CRI_MANIFEST), labels.get(CRI_LAYER)) {
+            pairs.push((l.clone(), m.clone()));
+        }
+        let mut repos: Vec<String> = Vec::new();
+        for (layer, layer_labels) in self.blobs(format!("labels.\"containerd.io/uncompressed\"=={chain}")).await? {
+            repos.extend(
+                layer_labels
+                    .iter()
+                    .filter_map(|(k, v)| k.strip_prefix(SOURCE_LABEL).map(|h| (h, v)))
+                    .flat_map(|(h, v)| v.split(',').map(move |r| format!("{h}/{r}"))),
+            );
+            for (m, _) in self.blobs(format!("labels.\"containerd.io/gc.ref.content.l.0\"=={layer}")).await? {
+                pairs.push((layer.clone(), m));
+            }
+        }
+        let mut manifests = HashSet::new();
+        for (layer, m) in &pairs {
+            if self.is_wisp_manifest(m, layer).await? {
+                manifests.insert(m.clone());
+            }
+        }
+        if manifests.is_empty() {
+            return Ok(None);
+        }
+        if let Some(r) = labels.get(CRI_REF).filter(|_| labels.get(CRI_MANIFEST).is_some_and(|m| manifests.contains(m)))
+        {
+            return Ok(Some(format!("docker://{r}")));
+        }
         let images = self
             .images
             .clone()
@@ -142,7 +220,12 @@ impl Query<'_> {
             .iter()
             .find(|n| same_repo(n))
             .or(candidates.first())
-            .with_context(|| format!("no image in namespace {:?} has the layer {layer}", self.ns))?;
-        Ok(format!("docker://{name}"))
+            .with_context(|| format!("no image in namespace {:?} has the wisp index layer {chain}", self.ns))?;
+        Ok(Some(format!("docker://{name}")))
     }
+}
+
+/// Whether containerd answered NotFound.
+fn is_not_found(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<tonic::Status>().is_some_and(|s| s.code() == tonic::Code::NotFound))
 }

@@ -10,12 +10,13 @@ pub mod store;
 pub mod wisp;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use containerd_snapshots::api::types::Mount;
 use containerd_snapshots::{tonic, Info, Snapshotter, Usage};
+use futures_util::StreamExt;
 use tonic::Status;
 
 use meta::Kind;
@@ -156,29 +157,71 @@ impl Snapshotter for Service {
     }
 }
 
-/// Serves the Snapshots API on `cfg.address` until SIGTERM or SIGINT.
+/// The largest gRPC request accepted (the Snapshots API's requests are a key, a parent and labels;
+/// containerd bounds each label to 4 KiB).
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+/// Listens on `address` with mode 0600 from the start: the socket is bound in a fresh 0700 directory
+/// beside it, set to 0600, and renamed into place, so no one but root can ever connect to it. A
+/// missing parent directory is made 0700.
+fn listen_private(address: &Path) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = address.parent().with_context(|| format!("{}: no parent directory", address.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(parent)
+        .with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = parent.join(format!(".wisp-snapshotter-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::DirBuilder::new().mode(0o700).create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let result = (|| {
+        let sock = tmp.join("s");
+        let listener =
+            tokio::net::UnixListener::bind(&sock).with_context(|| format!("listening on {}", sock.display()))?;
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod 0600 {}", sock.display()))?;
+        std::fs::rename(&sock, address)
+            .with_context(|| format!("moving the socket {} to {}", sock.display(), address.display()))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+/// Whether the peer of a connection is root (`SO_PEERCRED`).
+fn peer_is_root(s: &tokio::net::UnixStream) -> bool {
+    match s.peer_cred() {
+        Ok(c) if c.uid() == 0 => true,
+        Ok(c) => {
+            tracing::warn!(uid = c.uid(), pid = ?c.pid(), "refused a connection from a process that is not root");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "refused a connection whose peer is unknown");
+            false
+        }
+    }
+}
+
+/// Serves the Snapshots API on `cfg.address` until SIGTERM or SIGINT, to root only.
 pub fn run(cfg: &Config) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    // The root without symbolic links: the daemon opens the index directories under it so.
+    std::fs::create_dir_all(&cfg.root).with_context(|| format!("creating {}", cfg.root.display()))?;
+    let root = std::fs::canonicalize(&cfg.root).with_context(|| format!("resolving {}", cfg.root.display()))?;
     let ctd = cfg.containerd.as_ref().map(|a| containerd::ContainerdClient::new(a, rt.handle().clone()));
-    let w = wisp::Wisp::new(&cfg.root, &cfg.daemon_state, cfg.plain_http, ctd);
-    let store = Arc::new(Store::open(&cfg.root, w).with_context(|| format!("opening {}", cfg.root.display()))?);
+    let w = wisp::Wisp::new(&root, &cfg.daemon_state, cfg.plain_http, ctd);
+    let store = Arc::new(Store::open(&root, w).with_context(|| format!("opening {}", root.display()))?);
     rt.block_on(async {
-        if let Some(parent) = cfg.address.parent() {
-            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        }
-        match std::fs::remove_file(&cfg.address) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing the old socket {}", cfg.address.display())),
-        }
-        let listener = tokio::net::UnixListener::bind(&cfg.address)
-            .with_context(|| format!("listening on {}", cfg.address.display()))?;
-        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-        tracing::info!(address = %cfg.address.display(), root = %cfg.root.display(), "wisp snapshotter serving");
+        let listener = listen_private(&cfg.address)?;
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
+            .filter(|c| std::future::ready(c.as_ref().map_or(true, peer_is_root)));
+        tracing::info!(address = %cfg.address.display(), root = %root.display(), "wisp snapshotter serving");
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .expect("installing a SIGTERM handler");
@@ -187,8 +230,10 @@ pub fn run(cfg: &Config) -> Result<()> {
                 _ = tokio::signal::ctrl_c() => {}
             }
         };
+        let service =
+            containerd_snapshots::server(Arc::new(Service(store))).max_decoding_message_size(MAX_REQUEST_BYTES);
         tonic::transport::Server::builder()
-            .add_service(containerd_snapshots::server(Arc::new(Service(store))))
+            .add_service(service)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .context("serving the Snapshots API")

@@ -1,8 +1,11 @@
 //! The Snapshots API over directories, as containerd's overlayfs snapshotter lays them out: each
 //! snapshot owns `ROOT/snapshots/<id>/fs` (its changes, the overlay upper dir once it has a parent)
 //! and `work`; a snapshot's mounts stack its parents' `fs` dirs as overlay lower dirs. A committed
-//! snapshot whose `fs` holds a wisp index (`wisp/index.erofs` + `wisp/objects.map`) is replaced in
-//! every chain above it by its lazy EROFS mount ([`super::wisp`]).
+//! snapshot that is the layer of a wisp index image ([`super::wisp::Wisp::classify`]) is replaced
+//! below every snapshot made on it by its lazy EROFS mount ([`super::wisp`]).
+//!
+//! `ROOT`, `ROOT/snapshots` and `ROOT/wisp` are mode 0700, as containerd makes its own snapshotters'
+//! roots: the layers' files (setuid programs, device nodes) are reachable by root only.
 //!
 //! Every operation runs under one lock: metadata changes are saved ([`super::meta`]) before the call
 //! returns, directories are made before and removed after the metadata change, and Cleanup removes
@@ -47,7 +50,9 @@ pub struct InfoOut {
 
 impl Store {
     pub fn open(root: &Path, wisp: Wisp) -> anyhow::Result<Store> {
-        fs::create_dir_all(root.join("snapshots"))?;
+        for d in [root, &root.join("snapshots"), wisp.dir()] {
+            private_dir(d)?;
+        }
         let db = Db::load(root)?;
         Ok(Store { root: root.to_owned(), db: Mutex::new(db), wisp })
     }
@@ -121,15 +126,14 @@ impl Store {
         if rec.kind == Kind::Committed {
             return Err(Status::failed_precondition(format!("snapshot {key:?} is committed, not active")));
         }
-        let mut lowers = Vec::new();
-        for (name, p) in db.chain(&rec.parent).map_err(internal)? {
+        let chain = db.chain(&rec.parent).map_err(internal)?;
+        let mut lowers: Vec<PathBuf> = chain.iter().map(|(_, p)| self.dir(p.id).join("fs")).collect();
+        // A wisp index image has exactly one layer: only a snapshot on a lone layer can stand on one.
+        if let [(name, p)] = chain.as_slice() {
             let fs_dir = self.dir(p.id).join("fs");
-            if self.wisp.is_index(&fs_dir) {
-                let chain = db.chain(&name).map_err(internal)?;
-                lowers.push(self.wisp.ensure_mounted(p.id, &fs_dir, &chain, &rec.labels).map_err(internal)?);
-                break;
+            if self.wisp.classify(p.id, &fs_dir, name, &p.labels).map_err(internal)? {
+                lowers = vec![self.wisp.ensure_mounted(p.id, &fs_dir).map_err(internal)?];
             }
-            lowers.push(fs_dir);
         }
         let dir = self.dir(rec.id);
         let ro = rec.kind == Kind::View;
@@ -186,10 +190,10 @@ impl Store {
         Ok(())
     }
 
-    /// The directory id of the wisp index snapshot in the chain starting at `name`, if any.
+    /// The directory id of the wisp layer `name` stands for, if it is one.
     fn wisp_layer(&self, db: &Db, name: &str) -> Option<u64> {
         let chain = db.chain(name).ok()?;
-        chain.iter().map(|(_, r)| r.id).find(|id| self.wisp.is_index(&self.dir(*id).join("fs")))
+        chain.last().map(|(_, r)| r.id).filter(|id| self.wisp.is_layer(*id))
     }
 
     /// Unmounts the lazy EROFS of wisp layer `id` when no active or view snapshot stands on it.
@@ -214,7 +218,7 @@ impl Store {
             return Err(Status::failed_precondition(format!("snapshot {key:?} has a child, {child:?}")));
         }
         let wisp_layer = self.wisp_layer(&db, &rec.parent);
-        let is_index = self.wisp.is_index(&self.dir(rec.id).join("fs"));
+        let is_index = self.wisp.is_layer(rec.id);
         db.snapshots.remove(key);
         self.save(&db)?;
         if is_index {
@@ -311,7 +315,7 @@ impl Store {
         let wisp_ids: Vec<u64> = db
             .snapshots
             .values()
-            .filter(|r| r.kind == Kind::Committed && self.wisp.is_index(&self.dir(r.id).join("fs")))
+            .filter(|r| r.kind == Kind::Committed && self.wisp.is_layer(r.id))
             .map(|r| r.id)
             .collect();
         for id in self.wisp.layers() {
@@ -326,6 +330,18 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// Makes `dir` (and missing parents) mode 0700, or sets an existing one to 0700.
+fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).with_context(|| format!("chmod 0700 {}", dir.display()))
 }
 
 /// Bytes (allocated blocks) and inodes under `dir`, hard links counted once.
@@ -431,5 +447,32 @@ mod tests {
         s.cleanup().unwrap();
         assert!(!t.path().join("snapshots/99").exists() && !t.path().join("snapshots/rm-3").exists());
         assert!(s.dir(6).exists() && s.dir(1).exists());
+    }
+
+    #[test]
+    fn index_files_alone_make_no_wisp_layer_and_the_root_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        let s = open(&root);
+        for d in [root.clone(), root.join("snapshots"), root.join("wisp")] {
+            assert_eq!(fs::metadata(&d).unwrap().permissions().mode() & 0o7777, 0o700, "{}", d.display());
+        }
+        // A lone layer with real index files, and one whose `wisp` links to them: without containerd's
+        // word that they are the layer of a wisp index image, both are ordinary layers.
+        s.create(Kind::Active, "a-key", "", BTreeMap::new()).unwrap();
+        fs::create_dir_all(s.dir(1).join("fs/wisp")).unwrap();
+        fs::write(s.dir(1).join("fs/wisp/index.erofs"), b"x").unwrap();
+        fs::write(s.dir(1).join("fs/wisp/objects.map"), b"x").unwrap();
+        s.commit("ns/1/sha256:aa", "a-key", BTreeMap::new()).unwrap();
+        s.create(Kind::Active, "b-key", "", BTreeMap::new()).unwrap();
+        std::os::unix::fs::symlink(s.dir(1).join("fs/wisp"), s.dir(2).join("fs/wisp")).unwrap();
+        s.commit("ns/2/sha256:bb", "b-key", BTreeMap::new()).unwrap();
+        for (parent, id) in [("ns/1/sha256:aa", 1), ("ns/2/sha256:bb", 2)] {
+            let m = s.create(Kind::Active, &format!("on-{id}"), parent, BTreeMap::new()).unwrap();
+            let lower = m[0].options.iter().find_map(|o| o.strip_prefix("lowerdir=")).unwrap().to_owned();
+            assert_eq!(lower, s.dir(id).join("fs").display().to_string());
+        }
+        assert!(s.wisp.layers().is_empty());
     }
 }

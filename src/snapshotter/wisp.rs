@@ -1,25 +1,35 @@
-//! wisp layers: a committed snapshot whose `fs` holds `wisp/index.erofs` and `wisp/objects.map` (the
-//! one layer of a wisp index image, unpacked by containerd like any layer) is served lazily. The first
-//! active or view snapshot above it asks the wisp daemon to mount that index at
+//! wisp layers: a committed snapshot that is the one layer of a wisp index image (its `fs` holds
+//! `wisp/index.erofs` and `wisp/objects.map`, unpacked by containerd like any layer) is served lazily.
+//! The first active or view snapshot above it asks the wisp daemon to mount that index at
 //! `ROOT/wisp/<id>/lower` (EROFS only, objects filled on first read); every snapshot above it then uses
-//! that mount as its lowest overlay layer. The daemon takes the index from the unpacked layer, so it
-//! is never downloaded twice. When the last snapshot above it goes, the daemon unmounts it; the
-//! objects stay in the daemon's node cache.
+//! that mount as its overlay lower. The daemon takes the index from the unpacked layer, so it is never
+//! downloaded twice. When the last snapshot above it goes, the daemon unmounts it; the objects stay in
+//! the daemon's node cache.
 //!
-//! Where the objects are (the repository the index image came from) is found by [`Wisp::source`]
-//! and kept in `ROOT/wisp/<id>/source.json`.
+//! Which layers are wisp layers ([`Wisp::classify`]): the files are only a hint. A snapshot is one when
+//! it is the only layer of the chain a container stands on, `fs/wisp` is a directory and
+//! `fs/wisp/index.erofs` and `fs/wisp/objects.map` are regular files (none of them a symbolic link),
+//! containerd's content store has a wisp index image manifest (its `org.wisp.format.version`
+//! annotation, one layer) whose layer unpacks to this snapshot ([`super::containerd`]), and the files,
+//! read without following links, rebuild that layer's diff id exactly. Every other layer is an
+//! ordinary one, whatever files it holds. The decision and where the objects are (the repository the
+//! index image came from) are kept in `ROOT/wisp/<id>/source.json`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::containerd::ContainerdClient;
-use super::meta::Record;
+use crate::daemon::images::read_local_index;
 use crate::daemon::protocol::{self, FrontendKind, MountRequest, Request};
+use crate::oci::index_image;
+use crate::oci::layout::write_atomic;
+use crate::oci::types::sha256_digest;
 
 /// How to reach the daemon and the objects.
 #[derive(Debug)]
@@ -28,14 +38,20 @@ pub struct Wisp {
     daemon_socket: PathBuf,
     plain_http: bool,
     containerd: Option<ContainerdClient>,
+    /// Layers that hold the files of a wisp index but are not one (decided once per run).
+    ordinary: Mutex<HashSet<u64>>,
 }
 
-/// Where a wisp layer's objects are.
+/// A wisp layer: where its objects are, and the index it was checked to hold.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Source {
     /// docker://HOST/REPO (the objects are blobs of this repository).
     reference: String,
     plain_http: bool,
+    /// Hex sha256 of the layer's `index.erofs` as checked against its diff id: the daemon's image id
+    /// for it. Records written before this check have none and are checked again.
+    #[serde(default)]
+    index_sha256: Option<String>,
 }
 
 /// Whether `path` is a mount point in this mount namespace.
@@ -48,18 +64,101 @@ pub fn is_mounted(path: &Path) -> Result<bool> {
         .any(|p| p.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\") == want))
 }
 
+/// Whether `fs_dir` has the files of a wisp index layer, none of them through a symbolic link (the hint
+/// that makes [`Wisp::classify`] ask containerd).
+fn has_index_files(fs_dir: &Path) -> bool {
+    let is = |p: &Path, dir: bool| {
+        fs::symlink_metadata(p).is_ok_and(|m| if dir { m.file_type().is_dir() } else { m.file_type().is_file() })
+    };
+    let w = fs_dir.join("wisp");
+    is(&w, true) && is(&w.join("index.erofs"), false) && is(&w.join("objects.map"), false)
+}
+
 impl Wisp {
     pub fn new(root: &Path, daemon_state: &Path, plain_http: bool, containerd: Option<ContainerdClient>) -> Self {
-        Wisp { root: root.join("wisp"), daemon_socket: protocol::socket_path(daemon_state), plain_http, containerd }
+        Wisp {
+            root: root.join("wisp"),
+            daemon_socket: protocol::socket_path(daemon_state),
+            plain_http,
+            containerd,
+            ordinary: Mutex::new(HashSet::new()),
+        }
     }
 
-    /// Whether a snapshot directory holds a wisp index layer.
-    pub fn is_index(&self, fs_dir: &Path) -> bool {
-        fs_dir.join("wisp/index.erofs").is_file() && fs_dir.join("wisp/objects.map").is_file()
+    /// The directory of wisp layers' lower mounts and records (`ROOT/wisp`).
+    pub fn dir(&self) -> &Path {
+        &self.root
     }
 
     fn layer_dir(&self, id: u64) -> PathBuf {
         self.root.join(id.to_string())
+    }
+
+    fn recorded(&self, id: u64) -> Result<Option<Source>> {
+        let path = self.layer_dir(id).join("source.json");
+        match fs::read(&path) {
+            Ok(bytes) => {
+                let src: Source =
+                    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+                Ok(src.index_sha256.is_some().then_some(src))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Whether snapshot directory `id` was found to be a wisp layer (it has a record or a mount).
+    pub fn is_layer(&self, id: u64) -> bool {
+        self.layer_dir(id).exists()
+    }
+
+    /// Whether the committed snapshot `name` (directory `id`, `fs_dir`, labels `labels`), the only layer
+    /// below a new snapshot, is the layer of a wisp index image (see the module docs). A positive answer
+    /// is recorded; a layer that merely holds such files is ordinary.
+    pub fn classify(&self, id: u64, fs_dir: &Path, name: &str, labels: &BTreeMap<String, String>) -> Result<bool> {
+        if self.recorded(id)?.is_some() {
+            return Ok(true);
+        }
+        if !has_index_files(fs_dir) || self.ordinary.lock().unwrap_or_else(|p| p.into_inner()).contains(&id) {
+            return Ok(false);
+        }
+        let Some(ctd) = &self.containerd else {
+            tracing::warn!(snapshot = name, "a layer holds wisp index files, but without --containerd it cannot be checked: served as an ordinary layer");
+            return Ok(false);
+        };
+        let found = ctd
+            .wisp_source(name, labels)
+            .with_context(|| format!("asking containerd whether snapshot {name:?} is a wisp index layer"))?;
+        let Some(reference) = found else {
+            tracing::info!(
+                snapshot = name,
+                "a layer holds wisp/index.erofs but is not the layer of a wisp index image: an ordinary layer"
+            );
+            self.ordinary.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+            return Ok(false);
+        };
+        // The files must be exactly the layer containerd verified: rebuild its tar and compare digests.
+        let diff_id = name.splitn(3, '/').nth(2).unwrap_or_default();
+        let index_dir = fs_dir.join("wisp");
+        let local = read_local_index(&index_dir)?;
+        let tar = index_image::layer_tar(&local.erofs, &local.map, local.prefetch.as_deref())?;
+        let rebuilt = sha256_digest(&tar);
+        if rebuilt != diff_id {
+            bail!(
+                "snapshot {name:?} is the layer of the wisp index image {reference}, but its files in {} rebuild a layer with diff id {rebuilt}, not {diff_id}",
+                index_dir.display()
+            );
+        }
+        let src = Source {
+            reference,
+            plain_http: self.plain_http,
+            index_sha256: Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&local.erofs))),
+        };
+        let dir = self.layer_dir(id);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        write_atomic(&dir.join("source.json"), &serde_json::to_vec(&src)?)?;
+        tracing::info!(snapshot = name, source = %src.reference, "a wisp index layer");
+        Ok(true)
     }
 
     /// The wisp layers that have a directory (mounted or not).
@@ -68,21 +167,15 @@ impl Wisp {
         rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
     }
 
-    /// Mounts the index of wisp layer `id` (its snapshot dir `fs_dir`, its chain `chain` from the layer
-    /// down) unless it is mounted already; returns the mount point.
-    pub fn ensure_mounted(
-        &self,
-        id: u64,
-        fs_dir: &Path,
-        chain: &[(String, Record)],
-        labels: &BTreeMap<String, String>,
-    ) -> Result<PathBuf> {
+    /// Mounts the index of wisp layer `id` (its snapshot dir `fs_dir`, classified by
+    /// [`Wisp::classify`]) unless it is mounted already; returns the mount point.
+    pub fn ensure_mounted(&self, id: u64, fs_dir: &Path) -> Result<PathBuf> {
         let dir = self.layer_dir(id);
         let lower = dir.join("lower");
         if is_mounted(&lower)? {
             return Ok(lower);
         }
-        let src = self.source(id, chain, labels)?;
+        let src = self.recorded(id)?.with_context(|| format!("snapshot directory {id} is not a checked wisp layer"))?;
         fs::create_dir_all(&lower).with_context(|| format!("creating {}", lower.display()))?;
         let req = MountRequest {
             reference: src.reference.clone(),
@@ -97,10 +190,18 @@ impl Wisp {
         };
         let v = protocol::call(&self.daemon_socket, &Request::Mount(req), Some(Duration::from_secs(600)))
             .with_context(|| format!("asking the wisp daemon to mount the index of layer {id} ({})", src.reference))?;
+        // The daemon's image id is the sha256 of the index it read: the one checked against the layer.
+        if v["image"].as_str() != src.index_sha256.as_deref() {
+            let _ = self.release(id);
+            bail!(
+                "the wisp daemon mounted index {} for layer {id}, not the checked {}",
+                v["image"],
+                src.index_sha256.as_deref().unwrap_or_default()
+            );
+        }
         tracing::info!(layer = id, source = %src.reference, objects = %v["objects"], "wisp lower mounted");
         Ok(lower)
     }
-
     /// Unmounts wisp layer `id` (through the daemon) if it is mounted.
     pub fn release(&self, id: u64) -> Result<()> {
         let lower = self.layer_dir(id).join("lower");
@@ -116,34 +217,5 @@ impl Wisp {
     /// Forgets a removed wisp layer (after [`Wisp::release`]).
     pub fn forget(&self, id: u64) {
         let _ = fs::remove_dir_all(self.layer_dir(id));
-    }
-
-    /// Where the objects of wisp layer `id` are: recorded earlier, else asked of containerd.
-    fn source(&self, id: u64, chain: &[(String, Record)], labels: &BTreeMap<String, String>) -> Result<Source> {
-        let path = self.layer_dir(id).join("source.json");
-        if let Ok(bytes) = fs::read(&path) {
-            return serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()));
-        }
-        let found = self.find_source(chain, labels)?;
-        let src = Source { reference: found, plain_http: self.plain_http };
-        fs::create_dir_all(self.layer_dir(id))?;
-        let tmp = path.with_extension("tmp");
-        fs::write(&tmp, serde_json::to_vec(&src)?).with_context(|| format!("writing {}", tmp.display()))?;
-        fs::rename(&tmp, &path).with_context(|| format!("renaming {}", tmp.display()))?;
-        Ok(src)
-    }
-
-    fn find_source(&self, chain: &[(String, Record)], labels: &BTreeMap<String, String>) -> Result<String> {
-        // CRI puts the image reference on the snapshots it unpacks.
-        const CRI_REF: &str = "containerd.io/snapshot/cri.image-ref";
-        if let Some(r) = labels.get(CRI_REF).or_else(|| chain.iter().find_map(|(_, r)| r.labels.get(CRI_REF))) {
-            return Ok(format!("docker://{r}"));
-        }
-        let Some((name, _)) = chain.first() else { bail!("a wisp layer without a snapshot") };
-        let Some(ctd) = &self.containerd else {
-            bail!("snapshot {name:?} is a wisp layer, but its image reference is not among its labels and no --containerd address was given to look it up")
-        };
-        ctd.layer_source(name)
-            .with_context(|| format!("looking up the repository of wisp layer {name:?} in containerd"))
     }
 }

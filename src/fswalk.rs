@@ -148,13 +148,20 @@ fn data_extents(path: &Path, meta: &fs::Metadata) -> Result<Vec<Extent>> {
 }
 
 /// All extended attributes of `path` (not following symlinks), by full name.
+///
+/// The sizes come from `llistxattr_query`/`lgetxattr_query` (a NULL buffer of length 0, the
+/// syscalls' size query): rustix's `llistxattr`/`lgetxattr` given an empty buffer return 0, not the
+/// size. A list or value that grows between the query and the read (ERANGE) is asked again.
 pub fn read_xattrs(path: &Path) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
     let mut out = BTreeMap::new();
+    let list_err =
+        |e: rustix::io::Errno| Err(io::Error::from(e)).with_context(|| format!("listing xattrs of {}", path.display()));
     let names = loop {
-        let len = match rustix::fs::llistxattr(path, &mut [0u8; 0][..]) {
+        let len = match rustix::fs::llistxattr_query(path) {
+            Ok(0) => return Ok(out),
             Ok(n) => n,
             Err(rustix::io::Errno::NOTSUP) => return Ok(out),
-            Err(e) => return Err(io::Error::from(e)).with_context(|| format!("listing xattrs of {}", path.display())),
+            Err(e) => return list_err(e),
         };
         let mut buf = vec![0u8; len];
         match rustix::fs::llistxattr(path, &mut buf[..]) {
@@ -163,21 +170,25 @@ pub fn read_xattrs(path: &Path) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
                 break buf;
             }
             Err(rustix::io::Errno::RANGE) => continue,
-            Err(e) => return Err(io::Error::from(e)).with_context(|| format!("listing xattrs of {}", path.display())),
+            Err(e) => return list_err(e),
         }
     };
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let cname = std::ffi::CString::new(name).expect("split at NUL");
+        let value_err = |e: rustix::io::Errno| {
+            Err(io::Error::from(e)).with_context(|| {
+                format!("reading xattr {} of {}", OsStr::from_bytes(name).to_string_lossy(), path.display())
+            })
+        };
         let value = loop {
-            let len = match rustix::fs::lgetxattr(path, cname.as_c_str(), &mut [0u8; 0][..]) {
+            let len = match rustix::fs::lgetxattr_query(path, cname.as_c_str()) {
                 Ok(n) => n,
                 Err(rustix::io::Errno::NODATA) => break None,
-                Err(e) => {
-                    return Err(io::Error::from(e)).with_context(|| {
-                        format!("reading xattr {} of {}", OsStr::from_bytes(name).to_string_lossy(), path.display())
-                    })
-                }
+                Err(e) => return value_err(e),
             };
+            if len == 0 {
+                break Some(Vec::new());
+            }
             let mut buf = vec![0u8; len];
             match rustix::fs::lgetxattr(path, cname.as_c_str(), &mut buf[..]) {
                 Ok(n) => {
@@ -186,11 +197,7 @@ pub fn read_xattrs(path: &Path) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
                 }
                 Err(rustix::io::Errno::RANGE) => continue,
                 Err(rustix::io::Errno::NODATA) => break None,
-                Err(e) => {
-                    return Err(io::Error::from(e)).with_context(|| {
-                        format!("reading xattr {} of {}", OsStr::from_bytes(name).to_string_lossy(), path.display())
-                    })
-                }
+                Err(e) => return value_err(e),
             }
         };
         if let Some(v) = value {

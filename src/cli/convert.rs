@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use crate::convert::{convert, ConvertOptions, ConvertSummary};
 use crate::oci::{self, ImageRef, TransportOptions};
 use crate::store::{self, StoreSpec};
+use crate::tree::limits::{parse_size, Limits};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -50,6 +51,10 @@ pub struct Args {
     /// file of the image per line, in first-read order, e.g. from `wisp stats --accessed DIR`.
     #[arg(long, value_name = "FILE")]
     prefetch: Option<std::path::PathBuf>,
+    /// Limits on what the source's layers may cost (docs/convert.md, "Limits"); a layer that
+    /// exceeds one fails the conversion with an error naming the layer, the entry and the flag.
+    #[command(flatten)]
+    limits: LimitArgs,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -57,6 +62,46 @@ pub struct Args {
     /// nothing (DST and --store are ignored). Prints tar bytes, file bytes and seconds.
     #[arg(long, hide = true)]
     hash_only: bool,
+}
+
+/// `wisp convert`'s limits on untrusted layers; the defaults are [`Limits::default`].
+#[derive(Debug, clap::Args)]
+struct LimitArgs {
+    /// Most tar members plus the parent directories they create implicitly, over all layers.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_entries)]
+    max_entries: u64,
+    /// Largest regular file (apparent size; K, M, G, T suffixes are binary).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "64G")]
+    max_file_size: u64,
+    /// Most decompressed tar bytes, over all layers.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "256G")]
+    max_total_size: u64,
+    /// Most decompressed bytes per compressed byte of a layer, once it has expanded to 64 MiB.
+    #[arg(long, value_name = "RATIO", default_value_t = Limits::default().max_ratio)]
+    max_decompression_ratio: u64,
+    /// Most bytes of PAX extended headers and GNU long names/link targets, over all layers.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "256M")]
+    max_pax_bytes: u64,
+    /// Most bytes of small files (up to --inline-max) held in memory until the index is written.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "256M")]
+    max_inline_total: u64,
+    /// Most missing parent directories one entry's path may create.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_implicit_parents)]
+    max_implicit_parents: u64,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_entries: self.max_entries,
+            max_file_size: self.max_file_size,
+            max_total_size: self.max_total_size,
+            max_ratio: self.max_decompression_ratio,
+            max_pax_bytes: self.max_pax_bytes,
+            max_inline_bytes: self.max_inline_total,
+            max_implicit_parents: self.max_implicit_parents,
+        }
+    }
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -93,6 +138,7 @@ pub fn run(a: Args) -> Result<()> {
         upload_jobs: a.upload_jobs,
         progress: !a.json,
         prefetch,
+        limits: a.limits.limits(),
     };
     let sum = convert(&*src, &*dst, store, a.store.is_none(), &opts)?;
     if a.json {
@@ -138,4 +184,25 @@ fn print_summary(s: &ConvertSummary) {
         "  time: {:.2}s (layers {:.2}s, storing objects {:.2}s)",
         s.total_seconds, s.merge_seconds, s.store_seconds
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        limits: LimitArgs,
+    }
+
+    #[test]
+    fn flag_defaults_are_the_library_defaults() {
+        let cli = Cli::try_parse_from(["wisp"]).unwrap();
+        assert_eq!(cli.limits.limits(), Limits::default());
+        let cli = Cli::try_parse_from(["wisp", "--max-file-size", "1K", "--max-entries", "7"]).unwrap();
+        assert_eq!(cli.limits.limits().max_file_size, 1024);
+        assert_eq!(cli.limits.limits().max_entries, 7);
+    }
 }

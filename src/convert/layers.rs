@@ -13,6 +13,7 @@ use super::workers::{self, stream_to, Pool};
 use crate::oci::types::Descriptor;
 use crate::oci::Repo;
 use crate::tree::entry::{self, EntryKind};
+use crate::tree::limits::{Bounded, Counter, CountingReader, LimitError, Limits};
 use crate::tree::merge::Merger;
 use crate::tree::sparse::Expand;
 use crate::tree::tarstream::TarReader;
@@ -77,12 +78,19 @@ pub struct LayerPass {
     pub inline: MemorySource,
     pub entries: u64,
     pub uncompressed_bytes: u64,
+    /// Decompressed tar bytes of the layers read so far.
+    pub tar_bytes: u64,
+    /// PAX and GNU long-name data of the layers read so far.
+    pub ext_bytes: u64,
+    /// Bytes held in `inline`.
+    pub inline_bytes: u64,
 }
 
-/// Counts bytes read (for progress).
+/// Counts bytes read (for progress, and for the decompression ratio).
 struct Counting<R> {
     inner: R,
     pb: Option<indicatif::ProgressBar>,
+    counter: Counter,
 }
 
 impl<R: Read> Read for Counting<R> {
@@ -91,23 +99,27 @@ impl<R: Read> Read for Counting<R> {
         if let Some(pb) = &self.pb {
             pb.inc(n as u64);
         }
+        self.counter.add(n as u64);
         Ok(n)
     }
 }
 
 /// Applies the layers of `layers` from `repo` to `merger`, in order.
+#[allow(clippy::too_many_arguments)]
 pub fn apply_layers(
     repo: &dyn Repo,
     layers: &[Descriptor],
     merger: &mut Merger,
     pool: &mut Pool,
     inline_max: u64,
+    limits: &Limits,
     pass: &mut LayerPass,
     pb: Option<&indicatif::ProgressBar>,
 ) -> Result<()> {
+    merger.set_max_implicit_parents(limits.max_implicit_parents);
     for (i, desc) in layers.iter().enumerate() {
         let what = format!("layer {} ({})", i + 1, desc.digest);
-        apply_layer(repo, desc, merger, pool, inline_max, pass, pb).with_context(|| what.clone())?;
+        apply_layer(repo, desc, merger, pool, inline_max, limits, pass, pb).with_context(|| what.clone())?;
         // Fail fast: a worker error names the layer and the entry itself.
         for r in pool.try_results() {
             match r.result {
@@ -130,20 +142,93 @@ pub fn pending_done(merger: &mut Merger, pass: &mut LayerPass, id: usize, digest
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn apply_layer(
     repo: &dyn Repo,
     desc: &Descriptor,
     merger: &mut Merger,
     pool: &mut Pool,
     inline_max: u64,
+    limits: &Limits,
     pass: &mut LayerPass,
     pb: Option<&indicatif::ProgressBar>,
 ) -> Result<()> {
     let blob = repo.open_blob(&desc.digest, Some(desc.size))?;
-    let counted = Counting { inner: blob, pb: pb.cloned() };
+    let compressed = Counter::default();
+    let counted = Counting { inner: blob, pb: pb.cloned(), counter: compressed.clone() };
     let stream = Decompressed::sniff(BufReader::with_capacity(1 << 20, counted)).context("reading the blob")?;
     let kind = stream.kind();
-    let mut ar = TarReader::new(stream);
+    let bounded = Bounded::new(stream, compressed, pass.tar_bytes, *limits);
+    let mut ar = TarReader::with_ext_budget(bounded, pass.ext_bytes, limits.max_pax_bytes);
+    let last = ingest_tar(&mut ar, kind, merger, limits, pass, |name, size, content, pass| {
+        if size <= inline_max {
+            if pass.inline_bytes + size > limits.max_inline_bytes {
+                return Err(LimitError::new(
+                    format!(
+                        "entry {name}: small files (up to --inline-max {inline_max} bytes) held in memory reach {} bytes",
+                        pass.inline_bytes + size
+                    ),
+                    limits.max_inline_bytes,
+                    "max-inline-total",
+                )
+                .into());
+            }
+            let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+            content
+                .take(size)
+                .read_to_end(&mut buf)
+                .with_context(|| format!("entry {name}: reading its content from the {kind} stream"))?;
+            if buf.len() as u64 != size {
+                anyhow::bail!("entry {name}: content ended after {} of {size} bytes", buf.len());
+            }
+            let source = pass.inline.files.len() as u64;
+            let extents = if size > 0 { vec![Extent { offset: 0, len: size }] } else { Vec::new() };
+            if size > 0 {
+                pass.inline.insert(source, buf);
+                pass.inline_bytes += size;
+            }
+            Ok((FileData::Inline { size, extents, source }, None))
+        } else {
+            let id = if size <= workers::SPILL as u64 {
+                let mut buf = vec![0u8; usize::try_from(size).expect("at most SPILL")];
+                content
+                    .read_exact(&mut buf)
+                    .with_context(|| format!("entry {name}: reading its content from the {kind} stream"))?;
+                pool.submit_bytes(size, format!("entry {name}"), buf)
+            } else {
+                let (id, tx) = pool.submit(size, format!("entry {name}"));
+                stream_to(&mut &mut *content, size, tx)
+                    .with_context(|| format!("entry {name}: reading its content from the {kind} stream"))?;
+                id
+            };
+            Ok((FileData::External { size, digest: [0; 32] }, Some(id)))
+        }
+    })?;
+    pass.ext_bytes = ar.ext_bytes();
+    let mut bounded = ar.into_inner();
+    let end = io::copy(&mut bounded, &mut io::sink()).and_then(|_| {
+        let n = bounded.expanded();
+        bounded.into_inner().finish().map(|()| n)
+    });
+    let n = end.with_context(|| format!("reading the end of the {kind} stream after entry {last}"))?;
+    pass.tar_bytes += n;
+    Ok(())
+}
+
+/// Reads every member of a layer's tar stream (`kind` names its compression for messages) and
+/// applies it to `merger`, within `limits` (entries, file size, implicit parents; the stream itself
+/// bounds bytes and extension data). A regular file's content is handed to `file` (entry name for
+/// messages, size, the content as a reader of exactly `size` bytes, holes of sparse members
+/// included), which returns the file's data for the tree and, for content still being
+/// fingerprinted, its job id. Returns the last entry's name, for messages.
+pub fn ingest_tar<R: Read>(
+    ar: &mut TarReader<R>,
+    kind: &str,
+    merger: &mut Merger,
+    limits: &Limits,
+    pass: &mut LayerPass,
+    mut file: impl FnMut(&str, u64, &mut dyn Read, &mut LayerPass) -> Result<(FileData, Option<usize>)>,
+) -> Result<String> {
     merger.begin_layer();
     let mut last = String::from("(none yet)");
     loop {
@@ -156,44 +241,32 @@ fn apply_layer(
         pass.entries += 1;
         let name = crate::tree::show_bytes(&parsed.name);
         last.clone_from(&name);
+        let entries = pass.entries + merger.implicit_dirs();
+        if entries > limits.max_entries {
+            return Err(LimitError::new(
+                format!("entry {name}: {entries} entries (tar members and the directories they imply)"),
+                limits.max_entries,
+                "max-entries",
+            )
+            .into());
+        }
         let file = match &parsed.kind {
             EntryKind::Regular { size, sparse } => {
                 let size = *size;
+                if size > limits.max_file_size {
+                    return Err(LimitError::new(
+                        format!("entry {name}: a file of {size} bytes"),
+                        limits.max_file_size,
+                        "max-file-size",
+                    )
+                    .into());
+                }
                 pass.uncompressed_bytes += size;
                 let mut content: Box<dyn Read + '_> = match sparse {
                     Some(map) => Box::new(Expand::new(&mut data, map.clone())),
                     None => Box::new(&mut data),
                 };
-                if size <= inline_max {
-                    let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-                    (&mut content)
-                        .take(size)
-                        .read_to_end(&mut buf)
-                        .with_context(|| format!("entry {name}: reading its content from the {kind} stream"))?;
-                    if buf.len() as u64 != size {
-                        anyhow::bail!("entry {name}: content ended after {} of {size} bytes", buf.len());
-                    }
-                    let source = pass.inline.files.len() as u64;
-                    let extents = if size > 0 { vec![Extent { offset: 0, len: size }] } else { Vec::new() };
-                    if size > 0 {
-                        pass.inline.insert(source, buf);
-                    }
-                    Some((FileData::Inline { size, extents, source }, None))
-                } else {
-                    let id = if size <= workers::SPILL as u64 {
-                        let mut buf = vec![0u8; usize::try_from(size).expect("at most SPILL")];
-                        content
-                            .read_exact(&mut buf)
-                            .with_context(|| format!("entry {name}: reading its content from the {kind} stream"))?;
-                        pool.submit_bytes(size, format!("entry {name}"), buf)
-                    } else {
-                        let (id, tx) = pool.submit(size, format!("entry {name}"));
-                        stream_to(&mut content, size, tx)
-                            .with_context(|| format!("entry {name}: reading its content from the {kind} stream"))?;
-                        id
-                    };
-                    Some((FileData::External { size, digest: [0; 32] }, Some(id)))
-                }
+                Some(file(&name, size, &mut content, pass)?)
             }
             _ => None,
         };
@@ -206,8 +279,7 @@ fn apply_layer(
             pass.pending.insert(job, inode);
         }
     }
-    ar.into_inner().finish().with_context(|| format!("reading the end of the {kind} stream after entry {last}"))?;
-    Ok(())
+    Ok(last)
 }
 
 /// The work every converter must do, on one core: decompress each layer, walk its tar and sha256
@@ -240,4 +312,77 @@ pub fn hash_only(repo: &dyn Repo, layers: &[Descriptor]) -> Result<(u64, u64)> {
         ar.into_inner().finish()?;
     }
     Ok((tar_bytes, file_bytes))
+}
+
+/// Merges plain tar layers (bytes) the way [`apply_layers`] does, with the contents kept in memory:
+/// files up to `inline_max` inline, larger ones external with their sha256. Then writes the EROFS
+/// index of the merged tree into memory and returns its size. The fuzz target (`fuzz/`) and its
+/// smoke test run hostile tars through this; every input must end in `Ok` or an error.
+pub fn merge_tars_for_fuzzing(layers: &[&[u8]], inline_max: u64, limits: &Limits) -> Result<u64> {
+    use sha2::Digest as _;
+    let mut merger = Merger::new();
+    merger.set_max_implicit_parents(limits.max_implicit_parents);
+    let mut pass = LayerPass::default();
+    for (i, layer) in layers.iter().enumerate() {
+        let compressed = Counter::default();
+        let counted = CountingReader { inner: *layer, counter: compressed.clone() };
+        let bounded = Bounded::new(counted, compressed, pass.tar_bytes, *limits);
+        let mut ar = TarReader::with_ext_budget(bounded, pass.ext_bytes, limits.max_pax_bytes);
+        ingest_tar(&mut ar, "tar", &mut merger, limits, &mut pass, |name, size, content, pass| {
+            let mut buf = Vec::new();
+            content.take(size).read_to_end(&mut buf).with_context(|| format!("entry {name}: reading its content"))?;
+            anyhow::ensure!(
+                buf.len() as u64 == size,
+                "entry {name}: content ended after {} of {size} bytes",
+                buf.len()
+            );
+            if size <= inline_max {
+                let source = pass.inline.files.len() as u64;
+                let extents = if size > 0 { vec![Extent { offset: 0, len: size }] } else { Vec::new() };
+                pass.inline.insert(source, buf);
+                Ok((FileData::Inline { size, extents, source }, None))
+            } else {
+                Ok((FileData::External { size, digest: sha2::Sha256::digest(&buf).into() }, None))
+            }
+        })
+        .with_context(|| format!("layer {}", i + 1))?;
+        pass.ext_bytes = ar.ext_bytes();
+        pass.tar_bytes += ar.into_inner().expanded();
+    }
+    let tree = merger.into_tree();
+    let mut out = Vec::new();
+    erofs::writer::write_image(&tree, &mut pass.inline, &mut out, &erofs::writer::WriteOptions::default())?;
+    Ok(out.len() as u64)
+}
+
+/// Separates layers in a fuzz input.
+pub const FUZZ_LAYER_MARK: &[u8] = b"WISPLAYR";
+
+/// Limits for fuzzing: small enough that no input runs long (a sparse member's holes are read as
+/// zeros), large enough for every seed.
+pub const FUZZ_LIMITS: Limits = Limits {
+    max_entries: 100_000,
+    max_file_size: 1 << 20,
+    max_total_size: 64 << 20,
+    max_ratio: 100,
+    max_pax_bytes: 1 << 20,
+    max_inline_bytes: 16 << 20,
+    max_implicit_parents: 1024,
+};
+
+/// A fuzz input's layers: the bytes between [`FUZZ_LAYER_MARK`]s, at most four.
+pub fn split_fuzz_input(data: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while out.len() < 3 {
+        match rest.windows(FUZZ_LAYER_MARK.len()).position(|w| w == FUZZ_LAYER_MARK) {
+            Some(i) => {
+                out.push(&rest[..i]);
+                rest = &rest[i + FUZZ_LAYER_MARK.len()..];
+            }
+            None => break,
+        }
+    }
+    out.push(rest);
+    out
 }

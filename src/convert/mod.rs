@@ -39,6 +39,8 @@ pub struct ConvertOptions {
     pub progress: bool,
     /// A startup prefetch list (its name for errors, its text) to ship as `wisp/prefetch.list`.
     pub prefetch: Option<(String, Vec<u8>)>,
+    /// What the source's layers may cost (entries, sizes, expansion, metadata, memory).
+    pub limits: crate::tree::limits::Limits,
 }
 
 impl Default for ConvertOptions {
@@ -51,6 +53,7 @@ impl Default for ConvertOptions {
             upload_jobs: 8,
             progress: false,
             prefetch: None,
+            limits: crate::tree::limits::Limits::default(),
         }
     }
 }
@@ -143,6 +146,7 @@ pub fn convert(
         &mut merger,
         &mut pool,
         opts.inline_max,
+        &opts.limits,
         &mut pass,
         pb.as_ref(),
     );

@@ -35,6 +35,8 @@ pub enum MergeError {
     RootNotDirectory { path: String },
     #[error("entry {path}: whiteout names the root or a special name")]
     BadWhiteout { path: String },
+    #[error("entry {path}: {limit}")]
+    Limit { path: String, limit: super::limits::LimitError },
 }
 
 const WHITEOUT: &[u8] = b".wh.";
@@ -46,6 +48,10 @@ pub struct Merger {
     tree: Tree,
     /// (directory, name) pairs that the current layer added or replaced.
     added: HashSet<(InodeId, Vec<u8>)>,
+    /// Most directories one entry's path may create ([`super::limits::Limits::max_implicit_parents`]).
+    max_implicit_parents: u64,
+    /// Directories created for missing parents so far.
+    implicit_dirs: u64,
 }
 
 impl Default for Merger {
@@ -57,7 +63,17 @@ impl Default for Merger {
 impl Merger {
     pub fn new() -> Self {
         let meta = Metadata { perm: 0o755, ..Default::default() };
-        Merger { tree: Tree::new(meta), added: HashSet::new() }
+        Merger { tree: Tree::new(meta), added: HashSet::new(), max_implicit_parents: u64::MAX, implicit_dirs: 0 }
+    }
+
+    /// Sets how many missing parent directories one entry may create (unbounded by default).
+    pub fn set_max_implicit_parents(&mut self, max: u64) {
+        self.max_implicit_parents = max;
+    }
+
+    /// Directories created so far for parents that no entry named.
+    pub fn implicit_dirs(&self) -> u64 {
+        self.implicit_dirs
     }
 
     /// Starts the next layer (whiteouts of later entries apply to everything applied so far).
@@ -185,6 +201,7 @@ impl Merger {
         let mut todo: Vec<Vec<u8>> = components.iter().rev().cloned().collect();
         let mut followed = 0;
         let mut walked: Vec<Vec<u8>> = Vec::new();
+        let mut created = 0u64;
         while let Some(c) = todo.pop() {
             let cur = *stack.last().expect("root is never popped");
             match c.as_slice() {
@@ -204,6 +221,16 @@ impl Merger {
                 if !create {
                     return Ok(None);
                 }
+                created += 1;
+                if created > self.max_implicit_parents {
+                    let limit = super::limits::LimitError::new(
+                        format!("its path creates {created} missing parent directories"),
+                        self.max_implicit_parents,
+                        "max-implicit-parents",
+                    );
+                    return Err(MergeError::Limit { path: path.to_string(), limit });
+                }
+                self.implicit_dirs += 1;
                 let m = Metadata { perm: 0o755, uid: 0, gid: 0, mtime: meta.mtime, mtime_nsec: meta.mtime_nsec };
                 let id = self.push(Kind::Directory(BTreeMap::new()), m, BTreeMap::new());
                 self.link(cur, &c, id);
@@ -329,6 +356,19 @@ mod tests {
         m.apply(file("up/etc/y"), None).unwrap();
         assert_eq!(names(&mut m, "etc"), vec!["x", "y"]);
         assert!(matches!(m.apply(file("loop/z"), None), Err(MergeError::SymlinkLoop { .. })));
+    }
+
+    #[test]
+    fn implicit_parents_are_bounded_per_entry() {
+        let mut m = Merger::new();
+        m.set_max_implicit_parents(3);
+        m.begin_layer();
+        m.apply(file("a/b/c/f"), None).unwrap();
+        assert_eq!(m.implicit_dirs(), 3);
+        m.apply(file("a/b/c/d/e/f/g"), None).unwrap();
+        assert_eq!(m.implicit_dirs(), 6);
+        let err = m.apply(file("x/y/z/w/f"), None).unwrap_err();
+        assert!(matches!(&err, MergeError::Limit { limit, .. } if limit.flag == "max-implicit-parents"), "{err}");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! [`erofs::tree::FileData`].
 
 pub mod entry;
+pub mod limits;
 pub mod merge;
 pub mod sparse;
 pub mod tarstream;

@@ -10,10 +10,11 @@
 
 use std::io::{self, Read};
 
+use super::limits::LimitError;
 use super::sparse::SparseMap;
 
 const BLOCK: u64 = 512;
-/// Largest PAX extended header accepted (records for one member).
+/// Largest PAX extended header data accepted for one member (all its `x` headers together).
 pub const MAX_PAX: u64 = 1 << 20;
 /// Largest GNU long name / link target block accepted.
 pub const MAX_LONGNAME: u64 = 4096;
@@ -30,6 +31,8 @@ pub enum TarError {
     Header { offset: u64, what: String },
     #[error("archive ends inside a member (truncated)")]
     Truncated,
+    #[error("header at byte {offset}: {limit}")]
+    Limit { offset: u64, limit: LimitError },
 }
 
 /// PAX records as (key, value) pairs, in order.
@@ -58,11 +61,26 @@ pub struct TarReader<R> {
     remaining: u64,
     pad: u64,
     done: bool,
+    /// Extension data (PAX headers, GNU long names) read so far, and how much may be read in all.
+    ext_bytes: u64,
+    max_ext_bytes: u64,
 }
 
 impl<R: Read> TarReader<R> {
     pub fn new(inner: R) -> Self {
-        TarReader { inner, offset: 0, remaining: 0, pad: 0, done: false }
+        TarReader { inner, offset: 0, remaining: 0, pad: 0, done: false, ext_bytes: 0, max_ext_bytes: u64::MAX }
+    }
+
+    /// A reader that fails once the extension data it reads (PAX `x` and `g` headers, GNU `L` and
+    /// `K` blocks) would exceed `max` bytes, of which `used` were already read elsewhere (earlier
+    /// layers of the same image).
+    pub fn with_ext_budget(inner: R, used: u64, max: u64) -> Self {
+        TarReader { ext_bytes: used, max_ext_bytes: max, ..Self::new(inner) }
+    }
+
+    /// Extension data read so far (plus the `used` given to [`TarReader::with_ext_budget`]).
+    pub fn ext_bytes(&self) -> u64 {
+        self.ext_bytes
     }
 
     pub fn into_inner(self) -> R {
@@ -103,6 +121,16 @@ impl<R: Read> TarReader<R> {
         if size > max {
             return Err(TarError::Header { offset, what: format!("{what} of {size} bytes (at most {max})") });
         }
+        let total = self.ext_bytes.saturating_add(size);
+        if total > self.max_ext_bytes {
+            let limit = LimitError::new(
+                format!("{total} bytes of PAX headers and GNU long names, with this {what}"),
+                self.max_ext_bytes,
+                "max-pax-bytes",
+            );
+            return Err(TarError::Limit { offset, limit });
+        }
+        self.ext_bytes = total;
         let mut buf = vec![0u8; usize::try_from(size).expect("bounded")];
         self.inner.read_exact(&mut buf).map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => TarError::Truncated,
@@ -125,6 +153,7 @@ impl<R: Read> TarReader<R> {
         let mut pax: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut long_name = None;
         let mut long_link = None;
+        let mut pax_bytes = 0u64;
         loop {
             let offset = self.offset;
             let mut buf = [0u8; 512];
@@ -145,6 +174,12 @@ impl<R: Read> TarReader<R> {
             let stored = header.entry_size().map_err(|e| hdr_err(format!("size: {e}")))?;
             match buf[156] {
                 b'x' => {
+                    pax_bytes = pax_bytes.saturating_add(stored);
+                    if pax_bytes > MAX_PAX {
+                        return Err(hdr_err(format!(
+                            "PAX headers of {pax_bytes} bytes for one member (at most {MAX_PAX})"
+                        )));
+                    }
                     let data = self.read_ext(stored, MAX_PAX, "PAX header", offset)?;
                     for (k, v) in parse_pax(&data).map_err(hdr_err)? {
                         // An empty value unsets the keyword (POSIX pax).

@@ -111,8 +111,61 @@ fn list(root: &Path) -> Vec<(Vec<u8>, fs::Metadata)> {
     out
 }
 
-fn xattrs(path: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
-    wisp::fswalk::read_xattrs(path).unwrap_or_else(|e| panic!("xattrs of {}: {e:#}", path.display()))
+/// Every extended attribute of every path under `root` (relative path bytes -> name -> value), read
+/// by `getfattr` (package attr), not by wisp's own code: `-R -P -h` walks without following symlinks
+/// and reads a symlink's own xattrs, `-m -` takes every namespace, `-e hex` keeps binary values
+/// intact. Paths without xattrs are absent.
+pub fn tree_xattrs(root: &Path) -> HashMap<Vec<u8>, BTreeMap<Vec<u8>, Vec<u8>>> {
+    let out = Command::new("getfattr")
+        .env("LC_ALL", "C")
+        .args(["-R", "-P", "-h", "-d", "-m", "-", "-e", "hex", "--absolute-names", "--"])
+        .arg(root)
+        .output()
+        .unwrap_or_else(|e| panic!("spawning getfattr (package attr): {e}"));
+    assert!(
+        out.status.success(),
+        "getfattr -R {} failed with {}: {}",
+        root.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let prefix = root.as_os_str().as_bytes();
+    let mut map: HashMap<Vec<u8>, BTreeMap<Vec<u8>, Vec<u8>>> = HashMap::new();
+    let mut current: Option<Vec<u8>> = None;
+    for line in out.stdout.split(|&b| b == b'\n') {
+        if let Some(file) = line.strip_prefix(b"# file: ") {
+            let file = unescape_getfattr(file);
+            let rel = file
+                .strip_prefix(prefix)
+                .unwrap_or_else(|| panic!("getfattr printed {} outside {}", file.escape_ascii(), root.display()));
+            let rel = rel.strip_prefix(b"/").unwrap_or(rel);
+            current = Some(rel.to_vec());
+        } else if !line.is_empty() {
+            let file = current.as_ref().unwrap_or_else(|| panic!("getfattr: {} before a file", line.escape_ascii()));
+            // Names have `=` escaped, so the first one separates the value.
+            let eq = line.iter().position(|&b| b == b'=').expect("getfattr -d prints name=value");
+            let hexv = line[eq + 1..].strip_prefix(b"0x").expect("getfattr -e hex prints 0x...");
+            let value = hex::decode(hexv).unwrap_or_else(|e| panic!("getfattr value {}: {e}", line.escape_ascii()));
+            map.entry(file.clone()).or_default().insert(unescape_getfattr(&line[..eq]), value);
+        }
+    }
+    map
+}
+
+/// Undoes getfattr's quoting: `\ooo` (three octal digits) stands for one byte.
+fn unescape_getfattr(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'\\' && i + 3 < s.len() && s[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            out.push((s[i + 1] - b'0') * 64 + (s[i + 2] - b'0') * 8 + (s[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 fn same_content(a: &Path, b: &Path) -> Result<(), String> {
@@ -156,10 +209,12 @@ pub struct CompareOptions {
 }
 
 /// Compares two trees path by path: type, mode, uid, gid, mtime (ns), size, content, symlink target,
-/// rdev, xattrs, and which paths share an inode. Returns one line per difference (empty = equal).
+/// rdev, xattrs, and which paths share an inode. Nothing is read through wisp's code: metadata comes
+/// from std's lstat, content from read(2), xattrs from `getfattr` ([`tree_xattrs`]). Returns one line per difference (empty = equal).
 pub fn compare_trees(expected: &Path, actual: &Path, opts: &CompareOptions) -> Vec<String> {
     let a = list(expected);
     let b = list(actual);
+    let (xa, xb) = (tree_xattrs(expected), tree_xattrs(actual));
     let mut diffs = Vec::new();
     let bmap: HashMap<&[u8], &fs::Metadata> = b.iter().map(|(p, m)| (p.as_slice(), m)).collect();
     let amap: HashMap<&[u8], &fs::Metadata> = a.iter().map(|(p, m)| (p.as_slice(), m)).collect();
@@ -186,8 +241,8 @@ pub fn compare_trees(expected: &Path, actual: &Path, opts: &CompareOptions) -> V
         if p.is_empty() && !opts.root_metadata {
             continue;
         }
-        let entry = |path: &Path, m: &fs::Metadata| {
-            let mut x = xattrs(path);
+        let entry = |path: &Path, m: &fs::Metadata, xattrs: &HashMap<Vec<u8>, BTreeMap<Vec<u8>, Vec<u8>>>| {
+            let mut x = xattrs.get(p.as_slice()).cloned().unwrap_or_default();
             for n in &opts.ignore_xattrs {
                 x.remove(n);
             }
@@ -203,7 +258,7 @@ pub fn compare_trees(expected: &Path, actual: &Path, opts: &CompareOptions) -> V
                 xattrs: x,
             }
         };
-        let (ea, eb) = (entry(&pa, ma), entry(&pb, mb));
+        let (ea, eb) = (entry(&pa, ma, &xa), entry(&pb, mb, &xb));
         if ea != eb {
             diffs.push(format!("{name}: metadata differs\n  expected {ea:?}\n  actual   {eb:?}"));
             continue;

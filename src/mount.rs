@@ -1,5 +1,5 @@
 //! Kernel mounts: EROFS file-backed mounts through the new mount API (fsopen/fsconfig/fsmount), which
-//! takes one `device=` per object without util-linux inserting loop devices (KERNEL.md G.2, G.6).
+//! takes one `device=` per object without util-linux inserting loop devices (docs/kernel.md G.2, G.6).
 
 use std::path::{Path, PathBuf};
 

@@ -1,5 +1,5 @@
 //! Object files named by content: `DIR/<first two hex digits>/<sha256 hex>`, each padded with a sparse
-//! zero tail to a multiple of 4 KiB because the kernel reads EROFS devices in whole blocks (KERNEL.md
+//! zero tail to a multiple of 4 KiB because the kernel reads EROFS devices in whole blocks (docs/kernel.md
 //! G.9). Writes go to a temporary name in the same directory and are renamed into place, so a reader
 //! never sees a partial object.
 

@@ -538,7 +538,7 @@ fn layer_of(entries: &[(&str, Result<&str, &[u8]>)]) -> (Vec<u8>, String) {
 /// the chain id of its top layer's snapshot.
 fn push_crafted(registry: &str, repo: &str, tag: &str, base: Option<&str>, top: (Vec<u8>, String)) -> String {
     use wisp::oci::types::*;
-    let topts = wisp::oci::TransportOptions { plain_http: true };
+    let topts = wisp::oci::TransportOptions { plain_http: true, ..Default::default() };
     let open = |r: String| wisp::oci::open(&r.parse().unwrap(), &topts, false).unwrap();
     let dst = open(format!("docker://{registry}/{repo}:{tag}"));
     let src = wisp::oci::resolve_source(&*open(format!("docker://{registry}/python:v1"))).unwrap();

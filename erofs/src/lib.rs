@@ -7,7 +7,7 @@
 //! * [`writer`]: [`write_image`] — layout pass, then a sequential write pass (no `Seek`).
 //! * [`reader`]: [`Image`] — `open`, `read_tree`, `read_file_at`, `devices`, `check` (fsck).
 //!
-//! Decisions worth knowing (KERNEL.md C, checked against the 6.1 sources):
+//! Decisions worth knowing (docs/kernel.md C, checked against the 6.1 sources):
 //! * Only 6.1 features: 4 KiB blocks, no compression, no superblock checksum, `dirblkbits` 0, no long
 //!   xattr prefixes, 32-bit block addresses. Incompat bits used: `CHUNKED_FILE`, `DEVICE_TABLE`.
 //! * Times: the extended inode's `i_mtime` and the superblock's `build_time` are u64 on disk; 6.1 copies

@@ -1,4 +1,4 @@
-//! The `/dev/cachefiles` session in on-demand mode (KERNEL.md A.1-A.6, A.9), with blocking,
+//! The `/dev/cachefiles` session in on-demand mode (docs/kernel.md A.1-A.6, A.9), with blocking,
 //! one-call-per-syscall methods. [`crate::ring`] drives the same device from an io_uring loop; this type
 //! is also what a VM self-test or a supervisor uses directly.
 //!
@@ -69,7 +69,7 @@ pub enum Error {
     /// An OPEN's anonymous fd could not be adopted.
     #[error("OPEN {msg_id}: anonymous fd: {source}")]
     AnonFd { msg_id: u32, source: io::Error },
-    /// A write to an object would violate the direct-I/O alignment rule (KERNEL.md A.4).
+    /// A write to an object would violate the direct-I/O alignment rule (docs/kernel.md A.4).
     #[error("object write at {offset}+{len} is not 4 KiB-aligned")]
     Unaligned { offset: u64, len: usize },
     /// Writing object data failed.
@@ -153,7 +153,7 @@ pub enum CullOutcome {
 }
 
 /// How often a write that fails with ENOBUFS is retried, and how long to wait before retry `attempt`
-/// (0-based). Right after `copen` the kernel may not have attached the backing file yet (KERNEL.md A.3);
+/// (0-based). Right after `copen` the kernel may not have attached the backing file yet (docs/kernel.md A.3);
 /// below `bstop` ENOBUFS persists and the last error is returned.
 pub fn enobufs_backoff(attempt: u32) -> Option<Duration> {
     const ATTEMPTS: u32 = 6;

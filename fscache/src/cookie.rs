@@ -1,4 +1,4 @@
-//! Where cachefiles keeps an object on disk, for culling (KERNEL.md A.8, A.9).
+//! Where cachefiles keeps an object on disk, for culling (docs/kernel.md A.8, A.9).
 //!
 //! Follows the 6.1 code: `fscache_hash()` in `fs/fscache/main.c`, the volume key framing in
 //! `fscache_alloc_volume()` (`fs/fscache/volume.c`), the cookie key padding in `fscache_set_key()`

@@ -1,6 +1,6 @@
 //! Handing fds to a supervisor and back across a worker restart (SCM_RIGHTS over a unix socket).
 //!
-//! The point (KERNEL.md A.6, G.4): the `/dev/cachefiles` session and the fanotify group must outlive a
+//! The point (docs/kernel.md A.6, G.4): the `/dev/cachefiles` session and the fanotify group must outlive a
 //! daemon process, or mounts break (cachefiles) or unfilled holes read as zeros (fanotify). A supervisor
 //! keeps them; a restarted worker receives them, then sends `restore` (cachefiles) or just resumes
 //! reading events (fanotify).

@@ -2,8 +2,8 @@
 //! `read(2)` on `/dev/cachefiles`, and the ASCII commands the daemon writes back.
 //!
 //! Layouts follow `include/uapi/linux/cachefiles.h` (Linux 6.1): every field is a plain `__u32`/`__u64`
-//! and therefore **host-endian** (see KERNEL.md A.2). Command syntax follows `fs/cachefiles/daemon.c`
-//! (KERNEL.md A.1, A.3).
+//! and therefore **host-endian** (see docs/kernel.md A.2). Command syntax follows `fs/cachefiles/daemon.c`
+//! (docs/kernel.md A.1, A.3).
 //!
 //! Nothing here performs I/O. In particular the anonymous fd number carried by an OPEN message is only a
 //! number at this level; [`crate::cachefiles`] turns it into an `OwnedFd` right after the `read(2)`.

@@ -2,7 +2,7 @@
 //! sha256 of its content and shared by every image on the node.
 //!
 //! A file is created with its final size padded to 4 KiB (the kernel reads EROFS devices in whole
-//! blocks, KERNEL.md G.9) when an image that needs it is mounted, and filled on first access. The
+//! blocks, docs/kernel.md G.9) when an image that needs it is mounted, and filled on first access. The
 //! completeness record is an xattr, `user.wisp.complete` = the content digest in hex, set only after
 //! the whole verified content has been written and fsynced. A file without it (never filled, or
 //! partially filled when a daemon died) is treated as empty: marked again and refilled whole. The

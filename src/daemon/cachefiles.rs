@@ -4,7 +4,7 @@
 //! * The supervisor opens `/dev/cachefiles`, binds it (`dir CACHE/cachefiles`, `tag wisp`,
 //!   `bind ondemand`: [`open_bound`]) and holds the session for the daemon's lifetime, so a dead worker
 //!   never releases it (that would fail every outstanding request and break every mount for good,
-//!   KERNEL.md A.6). Each worker receives a copy over SCM_RIGHTS and sends `restore` first ([`serve`]),
+//!   docs/kernel.md A.6). Each worker receives a copy over SCM_RIGHTS and sends `restore` first ([`serve`]),
 //!   which hands it again every request its predecessor had read but not answered; objects whose
 //!   anonymous fds died with it are re-OPENed by the kernel.
 //! * Requests (OPEN / READ / CLOSE) are served by [`fscache::ring::Server`] (io_uring loop + a pool of
@@ -16,7 +16,7 @@
 //!   `CACHE/cachefiles` are the node cache; nothing is copied to `CACHE/objects`.
 //! * Each mount's primary blob (its EROFS index) is named by a per-mount fsid (the image id, with a
 //!   `.N` suffix for a second concurrent mount of the same image: a domain refuses an fsid that is
-//!   already live, KERNEL.md B.2).
+//!   already live, docs/kernel.md B.2).
 //!
 //! Anonymous fds: the kernel hands one fd per OPEN (one per distinct object in the domain, plus one
 //! primary per mount), and the loop keeps it until the object's CLOSE (last unmount using it): a

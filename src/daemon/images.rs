@@ -1,5 +1,5 @@
 //! Index images on the node: pulled whole (the EROFS index is metadata the kernel reads without
-//! pre-content events, KERNEL.md G.5), verified by digest, and kept under `STATE/images/<hex digest>/`:
+//! pre-content events, docs/kernel.md G.5), verified by digest, and kept under `STATE/images/<hex digest>/`:
 //!
 //! ```text
 //! index.erofs    the EROFS index, mounted file-backed

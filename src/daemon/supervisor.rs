@@ -1,6 +1,6 @@
 //! The supervisor: the long-lived process of `wisp daemon`. It owns what must outlive a worker — the
 //! fanotify group (if it closed with events pending, the kernel would allow them and unfilled holes
-//! would read as zeros, KERNEL.md G.4) and the control socket (clients queue in its backlog while a
+//! would read as zeros, docs/kernel.md G.4) and the control socket (clients queue in its backlog while a
 //! worker restarts) — and runs one worker at a time (`wisp daemon --worker`), handing both fds over
 //! (SCM_RIGHTS on the worker's stdin). A worker that dies is replaced; the new one answers the
 //! events its predecessor had read (see `fscache::fanotify::journal`). Workers are started from the
@@ -8,7 +8,7 @@
 //! backoff, never given up: the supervisor only exits on a signal.
 //!
 //! With the cachefiles frontend it holds the bound `/dev/cachefiles` session instead of the group
-//! (closing it would fail every outstanding request and leave the mounts broken, KERNEL.md A.6); a
+//! (closing it would fail every outstanding request and leave the mounts broken, docs/kernel.md A.6); a
 //! new worker sends `restore` (super::cachefiles).
 //!
 //! SIGTERM/SIGINT: the worker is asked to unmount every image; the supervisor exits only when none is

@@ -1,5 +1,5 @@
 //! Object stores: where converted file contents go, each object named by the sha256 of its
-//! uncompressed content and kept zstd-compressed where that pays (ARCHITECTURE.md, decision 8).
+//! uncompressed content and kept zstd-compressed where that pays (docs/architecture.md, decision 8).
 //!
 //! - [`dir::DirStore`] (`dir:PATH`): files under a documented layout (docs/convert.md);
 //! - [`RepoStore`]: blobs in an image repository (a registry repository or an OCI layout), named by

@@ -1,4 +1,4 @@
-//! Chunk indexes of chunk-based inodes (`struct erofs_inode_chunk_index`, 8 bytes; KERNEL.md C.4).
+//! Chunk indexes of chunk-based inodes (`struct erofs_inode_chunk_index`, 8 bytes; docs/kernel.md C.4).
 //! They follow the inode and its xattrs, aligned to 8, one per `chunk size` of the file.
 
 use zerocopy::little_endian::{U16, U32};

@@ -1,4 +1,4 @@
-//! Device-table slots (`struct erofs_deviceslot`, 128 bytes; KERNEL.md C.8). Slot `i` is device id
+//! Device-table slots (`struct erofs_deviceslot`, 128 bytes; docs/kernel.md C.8). Slot `i` is device id
 //! `i + 1`; its tag names the blob (the fscache cookie key, or matched with `device=` options).
 
 use zerocopy::little_endian::U32;

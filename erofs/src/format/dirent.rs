@@ -1,4 +1,4 @@
-//! Directory entries (`struct erofs_dirent`, 12 bytes; KERNEL.md C.5).
+//! Directory entries (`struct erofs_dirent`, 12 bytes; docs/kernel.md C.5).
 //!
 //! A directory block holds an array of dirents followed by their names; `de[0].nameoff / 12` is the
 //! entry count, names are not NUL-terminated, and neither a dirent nor its name crosses a block.

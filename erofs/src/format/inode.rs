@@ -1,5 +1,5 @@
 //! Compact (32-byte) and extended (64-byte) inodes (`struct erofs_inode_compact` /
-//! `erofs_inode_extended`; KERNEL.md C.3).
+//! `erofs_inode_extended`; docs/kernel.md C.3).
 //!
 //! `i_u` is one 32-bit field whose meaning depends on type and layout: `raw_blkaddr` for flat layouts,
 //! `rdev` for device nodes, or `chunk_info` (`le16 format`, `le16 reserved`) for chunk-based files;

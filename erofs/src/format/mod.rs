@@ -1,5 +1,5 @@
 //! On-disk structures and constants of EROFS as a Linux 6.1 kernel accepts them
-//! (`fs/erofs/erofs_fs.h` of 6.1; KERNEL.md sections C.1-C.8). One definition, shared by the writer and
+//! (`fs/erofs/erofs_fs.h` of 6.1; docs/kernel.md sections C.1-C.8). One definition, shared by the writer and
 //! the reader. Every struct is `#[repr(C)]` plain data with little-endian field types and a compile-time
 //! size assertion.
 //!

@@ -1,4 +1,4 @@
-//! The superblock (`struct erofs_super_block`, 128 bytes at byte 1024; KERNEL.md C.1).
+//! The superblock (`struct erofs_super_block`, 128 bytes at byte 1024; docs/kernel.md C.1).
 
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};

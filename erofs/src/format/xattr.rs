@@ -1,4 +1,4 @@
-//! Extended attributes (`struct erofs_xattr_ibody_header`, `struct erofs_xattr_entry`; KERNEL.md C.6)
+//! Extended attributes (`struct erofs_xattr_ibody_header`, `struct erofs_xattr_entry`; docs/kernel.md C.6)
 //! and the 6.1 name-index table.
 //!
 //! The inline region after an inode is a 12-byte header, `h_shared_count` le32 shared-xattr ids, then

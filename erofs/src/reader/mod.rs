@@ -3,7 +3,7 @@
 //! allocate without bound, or loop forever (every read is bounded by the superblock's block count and
 //! by the bytes the source really has, and the directory walk refuses to visit a directory twice).
 //!
-//! Format reference: KERNEL.md C (Linux 6.1 `fs/erofs`).
+//! Format reference: docs/kernel.md C (Linux 6.1 `fs/erofs`).
 
 mod check;
 mod dir;

@@ -1,4 +1,4 @@
-//! Directory contents (KERNEL.md C.5): every entry including `.` and `..`, sorted by bytes, packed
+//! Directory contents (docs/kernel.md C.5): every entry including `.` and `..`, sorted by bytes, packed
 //! greedily into 4 KiB blocks so that no dirent or name crosses a block.
 
 use std::ops::Range;

@@ -11,7 +11,7 @@
 //! pad to block | data blocks (directory blocks, flat file blocks, sparse chunks) in inode order
 //! ```
 //! The root is the first inode and the device table starts at byte 1152, which keeps the 16-bit
-//! `root_nid` and `devt_slotoff` fields in range (KERNEL.md B.4, G.6).
+//! `root_nid` and `devt_slotoff` fields in range (docs/kernel.md B.4, G.6).
 
 mod collect;
 mod data;

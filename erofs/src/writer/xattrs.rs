@@ -1,5 +1,5 @@
 //! Extended attributes: which (name, value) pairs go to the shared area (those used by two or more
-//! inodes), and the inline xattr body of each inode (KERNEL.md C.6).
+//! inodes), and the inline xattr body of each inode (docs/kernel.md C.6).
 
 use std::collections::HashMap;
 

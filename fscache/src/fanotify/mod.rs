@@ -1,4 +1,4 @@
-//! The fanotify pre-content frontend (Linux 6.14+, `FAN_PRE_ACCESS`; KERNEL.md G).
+//! The fanotify pre-content frontend (Linux 6.14+, `FAN_PRE_ACCESS`; docs/kernel.md G).
 //!
 //! Objects are files on a local ext4/xfs/btrfs cache directory, created sparse with their final size
 //! and marked for pre-content events. The first read of a marked file blocks in the kernel until the

@@ -1,7 +1,7 @@
 //! The cachefiles on-demand event loop: io_uring for the kernel I/O, a worker pool for the backend.
 //!
 //! Design. One loop thread owns the io_uring instance. It polls `/dev/cachefiles` for POLLIN, reads
-//! messages (one per read, until a read returns 0; KERNEL.md A.5), writes `copen` replies, and writes
+//! messages (one per read, until a read returns 0; docs/kernel.md A.5), writes `copen` replies, and writes
 //! filled object data to the anonymous fds, each submission owning its buffer and fd in a slab keyed by
 //! `user_data` (the private `sys::uring` module). Everything that may block on the network (the [`Backend`]'s
 //! `open`/`fill`/`close`) runs on a small pool of worker threads, which post their results back through
@@ -11,9 +11,9 @@
 //! (it is shared with the fanotify frontend) and the kernel-facing I/O is what io_uring is good at.
 //!
 //! Per READ: a worker asks the backend for the block-aligned window around the range (clipped to the
-//! object size; the rest stays zero, KERNEL.md B.5) into a page-aligned buffer, checks every byte was
+//! object size; the rest stays zero, docs/kernel.md B.5) into a page-aligned buffer, checks every byte was
 //! written, and posts the buffer; the loop writes it with IORING_OP_WRITE at the aligned offset (the
-//! 6.1 direct-I/O pitfall of KERNEL.md A.4), continues short writes, retries ENOBUFS after a timeout op,
+//! 6.1 direct-I/O pitfall of docs/kernel.md A.4), continues short writes, retries ENOBUFS after a timeout op,
 //! then completes the READ with the READ_COMPLETE ioctl (a short synchronous call). A backend error
 //! completes the READ without data, which the kernel reports to the reader as EIO.
 

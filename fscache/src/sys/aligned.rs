@@ -1,5 +1,5 @@
 //! A zero-initialised, page-aligned byte buffer, for writes that the kernel turns into direct I/O (the
-//! cachefiles anonymous fd: KERNEL.md A.4 requires a page-aligned source, 4 KiB-aligned offsets and
+//! cachefiles anonymous fd: docs/kernel.md A.4 requires a page-aligned source, 4 KiB-aligned offsets and
 //! 4 KiB-multiple lengths).
 
 use std::alloc::{self, Layout};

@@ -1,4 +1,4 @@
-//! Syscalls on `/dev/cachefiles` and on the anonymous object fds it hands out (KERNEL.md A.2, A.4).
+//! Syscalls on `/dev/cachefiles` and on the anonymous object fds it hands out (docs/kernel.md A.2, A.4).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};

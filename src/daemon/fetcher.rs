@@ -45,6 +45,16 @@ pub const WARM_HOLD: Duration = Duration::from_secs(120);
 /// download beyond it is dropped after its waiters got it (the fill will download it again).
 pub const WARM_LIMIT: u64 = 256 << 20;
 
+/// How long the content of a finished download keeps answering requests for the same object. Two
+/// readers of one object (two containers of an image, or a readahead and the page's own read) each
+/// send a READ, and the kernel's cache file holds the content only once the first READ's answer is
+/// written: a READ that comes after the flight ended but before that write would download the object
+/// again (seen in the VM: one object served twice to three containers starting at once).
+pub const RECENT_HOLD: Duration = Duration::from_secs(10);
+
+/// At most this many bytes of recently downloaded content are held for [`RECENT_HOLD`].
+pub const RECENT_LIMIT: u64 = 128 << 20;
+
 /// Fetcher settings.
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
@@ -137,6 +147,8 @@ pub struct Fetcher {
     failed: Mutex<HashMap<Digest, (Instant, Errno)>>,
     /// Verified content downloaded ahead of its first read, taken by the first [`Fetcher::get`].
     ready: Mutex<Ready>,
+    /// Content of downloads that just ended, for late joiners ([`RECENT_HOLD`]).
+    recent: Mutex<Ready>,
     /// Downloads running (the concurrency bound); shared with their threads, which free their slot.
     slots: Arc<Slots>,
 }
@@ -166,9 +178,9 @@ impl Ready {
         Some(c)
     }
 
-    fn expire(&mut self) {
+    fn expire(&mut self, hold: Duration) {
         let before = self.held.len();
-        self.held.retain(|_, (at, _)| at.elapsed() < WARM_HOLD);
+        self.held.retain(|_, (at, _)| at.elapsed() < hold);
         if self.held.len() != before {
             self.bytes = self.held.values().map(|(_, c)| c.len()).sum();
         }
@@ -191,6 +203,7 @@ impl Fetcher {
             flights: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
             ready: Mutex::new(Ready::default()),
+            recent: Mutex::new(Ready::default()),
             slots: Arc::default(),
         }
     }
@@ -211,6 +224,21 @@ impl Fetcher {
 
     fn ready(&self) -> MutexGuard<'_, Ready> {
         self.ready.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn recent(&self) -> MutexGuard<'_, Ready> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds `content` for late requests of the same object, within [`RECENT_LIMIT`].
+    fn hold_recent(&self, digest: &Digest, content: &Arc<Content>) {
+        let mut recent = self.recent();
+        recent.expire(RECENT_HOLD);
+        if recent.held.contains_key(digest) || recent.bytes + content.len() > RECENT_LIMIT {
+            return;
+        }
+        recent.bytes += content.len();
+        recent.held.insert(*digest, (Instant::now(), Arc::clone(content)));
     }
 
     /// Joins the flight of `entry` or leads a new one; `None` when a warm call finds nothing to do.
@@ -237,13 +265,22 @@ impl Fetcher {
                 // The first `get` joining a download started ahead is the one that uses it.
                 Some(f) => (Arc::clone(f), Some(f.warm && !f.claimed.swap(true, Ordering::SeqCst))),
                 None => {
+                    if !warm {
+                        let mut recent = self.recent();
+                        recent.expire(RECENT_HOLD);
+                        if let Some((_, c)) = recent.held.get(&entry.digest) {
+                            return Some((Ok(Arc::clone(c)), Joined::Shared));
+                        }
+                    }
                     let mut ready = self.ready();
-                    ready.expire();
+                    ready.expire(WARM_HOLD);
                     if warm && (ready.held.contains_key(&entry.digest) || ready.bytes >= WARM_LIMIT) {
                         return None;
                     }
                     if let Some(c) = ready.take(&entry.digest) {
                         // Downloaded ahead; this is its first use, so it counts as this call's fetch.
+                        drop(ready);
+                        self.hold_recent(&entry.digest, &c);
                         return Some((Ok(c), Joined::Fetched));
                     }
                     drop(ready);
@@ -268,6 +305,9 @@ impl Fetcher {
             if claimed {
                 // The leader may have put it in `ready` before this call claimed it.
                 self.ready().take(&entry.digest);
+                if let Ok(c) = &outcome {
+                    self.hold_recent(&entry.digest, c);
+                }
                 return Some((outcome, Joined::Fetched));
             }
             return Some((outcome, Joined::Shared));
@@ -282,7 +322,7 @@ impl Fetcher {
                 ready.bytes += c.len();
                 ready.held.insert(entry.digest, (Instant::now(), Arc::clone(c)));
             }
-            Ok(_) => {}
+            Ok(c) => self.hold_recent(&entry.digest, c),
         }
         *flight.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.clone());
         flight.cv.notify_all();
@@ -514,6 +554,27 @@ mod tests {
         assert!(fetched >= 1);
     }
 
+    /// A request that comes just after a download ended (a second READ of the object, sent before the
+    /// first READ's answer reached the kernel's cache file) shares its content; after the hold a new
+    /// request downloads again.
+    #[test]
+    fn late_request_shares_a_finished_download() {
+        let data = b"late bytes".repeat(30);
+        let flaky = Arc::new(Flaky { data: data.clone(), fail: 0, opens: AtomicU32::new(0) });
+        let store: Arc<dyn ObjectStore> = flaky.clone();
+        let f = Fetcher::new(opts(1));
+        let e = entry_of(&data);
+        assert_eq!(f.get(&e, &[Arc::clone(&store)]).1, Joined::Fetched);
+        let (r, j) = f.get(&e, &[Arc::clone(&store)]);
+        assert!(matches!(&*r.unwrap(), Content::Memory(v) if *v == data));
+        assert_eq!(j, Joined::Shared);
+        assert_eq!(flaky.opens.load(Ordering::SeqCst), 1, "one download");
+        // Expired: downloaded again.
+        f.recent().held.values_mut().for_each(|(at, _)| *at -= RECENT_HOLD);
+        assert_eq!(f.get(&e, &[Arc::clone(&store)]).1, Joined::Fetched);
+        assert_eq!(flaky.opens.load(Ordering::SeqCst), 2);
+    }
+
     #[test]
     fn tampered_content_is_an_error() {
         let data = b"good".to_vec();
@@ -541,9 +602,10 @@ mod tests {
         assert!(matches!(&*r.unwrap(), Content::Memory(v) if *v == data));
         assert_eq!(j, Joined::Fetched);
         assert_eq!(flaky.opens.load(Ordering::SeqCst), 1);
-        // Taken: the next get downloads again.
-        assert_eq!(f.get(&e, &[Arc::clone(&store)]).1, Joined::Fetched);
-        assert_eq!(flaky.opens.load(Ordering::SeqCst), 2);
+        // Taken, and held a while for late readers: the next get shares it without a download.
+        assert_eq!(f.get(&e, &[Arc::clone(&store)]).1, Joined::Shared);
+        assert_eq!(flaky.opens.load(Ordering::SeqCst), 1);
+        assert!(f.ready().held.is_empty(), "taken from the warm hold");
 
         // A get while the warm download runs joins it (or, if it comes after, takes the held content).
         let data2 = b"second object".repeat(10);

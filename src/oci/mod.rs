@@ -3,6 +3,7 @@
 //! wisp's index image format ([`index_image`], [`objmap`]).
 
 pub mod archive;
+pub mod hosts;
 pub mod index_image;
 pub mod layout;
 pub mod objmap;

@@ -13,9 +13,9 @@
 //! * [`mounts`]: EROFS file-backed + overlayfs mounts; [`protocol`]: the control socket.
 
 pub mod cache;
-pub mod cachefiles;
 pub mod core;
 pub mod fetcher;
+pub mod frontend;
 pub mod images;
 pub mod mounts;
 pub mod prefetch;

@@ -259,7 +259,7 @@ impl Mounts {
 
     fn kernel_mount(&self, rec: &MountRecord, img: &Image) -> Result<()> {
         if let Some(fsid) = &rec.fsid {
-            crate::mount::mount_erofs_fscache(fsid, super::cachefiles::DOMAIN, &rec.lower)?;
+            crate::mount::mount_erofs_fscache(fsid, super::frontend::cachefiles::DOMAIN, &rec.lower)?;
         } else {
             let devices: Vec<PathBuf> = img.devices.iter().map(|e| self.core.cache().path(&e.digest)).collect();
             // Always direct I/O, even when every object is already complete (no marks): measured with

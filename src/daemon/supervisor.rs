@@ -253,8 +253,8 @@ impl Kernel {
             Ok(Kernel::Fanotify(group))
         };
         let cachefiles = || -> Result<Kernel> {
-            super::cachefiles::check_erofs_ondemand()?;
-            Ok(Kernel::Cachefiles(super::cachefiles::open_bound(cache.root())?))
+            super::frontend::cachefiles::check_erofs_ondemand()?;
+            Ok(Kernel::Cachefiles(super::frontend::cachefiles::open_bound(cache.root())?))
         };
         match kind {
             FrontendKind::Fanotify => fanotify(),

@@ -87,7 +87,7 @@ pub fn run(cfg: &Config) -> Result<()> {
 /// The cachefiles worker: registers the objects of the images still mounted, then `restore` and the
 /// io_uring loop on this thread (super::cachefiles).
 fn run_cachefiles(cfg: &Config, dev: fscache::cachefiles::Device, listener: UnixListener) -> Result<()> {
-    let nofile = super::cachefiles::raise_nofile_limit()?;
+    let nofile = super::frontend::cachefiles::raise_nofile_limit()?;
     let cache = NodeCache::open(&cfg.cache)?;
     let fetcher = Fetcher::new(cfg.fetch_options(&cache));
     let core = Arc::new(Core::for_cachefiles(cache, fetcher));
@@ -95,7 +95,7 @@ fn run_cachefiles(cfg: &Config, dev: fscache::cachefiles::Device, listener: Unix
     let restored = mounts.restore().context("restoring mounts")?;
     tracing::info!(restored, nofile, pid = std::process::id(), frontend = "cachefiles", "worker ready");
     std::fs::write(cfg.state.join("worker.pid"), format!("{}\n", std::process::id()))?;
-    let mut server = super::cachefiles::start(dev, core, cfg.fill_workers)?;
+    let mut server = super::frontend::cachefiles::start(dev, core, cfg.fill_workers)?;
     control_thread(listener, mounts, Active::Cachefiles(server.timings()))?;
     tracing::debug!("serving /dev/cachefiles");
     server.run().context("serving /dev/cachefiles")?;
@@ -167,7 +167,7 @@ fn handle(req: &Request, mounts: &Mounts, active: &Active) -> Result<serde_json:
         (Request::Mount(m), _) => mounts.mount(m)?,
         (Request::Umount { dir }, _) => mounts.umount(dir)?,
         (Request::Stats, Active::Cachefiles(t)) => {
-            let mut frontend = super::cachefiles::timings_json(t);
+            let mut frontend = super::frontend::cachefiles::timings_json(t);
             frontend["kind"] = "cachefiles".into();
             serde_json::json!({"images": mounts_stats(mounts), "frontend": frontend})
         }

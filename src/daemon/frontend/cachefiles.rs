@@ -32,7 +32,7 @@ use fscache::cachefiles::{Device, Error as DevError};
 use fscache::ring::timing::Timings;
 use fscache::ring::{Config as RingConfig, Server};
 
-use super::core::Core;
+use crate::daemon::core::Core;
 
 /// The fscache domain of every wisp mount.
 pub const DOMAIN: &str = "wisp";

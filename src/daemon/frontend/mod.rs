@@ -1,0 +1,3 @@
+//! The kernel interfaces the daemon serves, one module each.
+
+pub mod cachefiles;

@@ -1,17 +1,16 @@
-//! The daemon core: which objects the mounted images need, where each can be fetched, and the
-//! [`fscache::backend::Backend`] that fills them. It knows nothing of the kernel interface: the fanotify
-//! frontend (and later the cachefiles one) asks it for "object X" and it writes X's verified content
-//! through the frontend's sink, then records the object as complete in the node cache.
+//! The daemon core: which objects the mounted images need, where each can be fetched, and how one is
+//! filled. It knows nothing of the kernel interface: each frontend (super::frontend) serves it as its
+//! [`fscache::backend::Backend`], asking for "object X" ([`Core::open`]); the core writes X's verified
+//! content through the frontend's sink ([`Core::fill`]) and charges the fill to the image that
+//! registered X first. What happens around that (marks, object files, completeness records, the
+//! EROFS index of a cachefiles mount) is the frontend's.
 
 use std::collections::HashMap;
-use std::ops::Range;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use anyhow::Context as _;
 use erofs::tree::Digest;
-use fscache::backend::{Backend, Errno, FillSink, ObjectKey, Opened};
+use fscache::backend::{Errno, FillSink, Opened};
 
 use super::cache::NodeCache;
 use super::fetcher::{Fetcher, Joined};
@@ -28,14 +27,11 @@ struct Needed {
     images: Vec<String>,
 }
 
-/// What the frontend hands back to `fill`.
+/// What the frontend hands back to [`Core::fill`].
 pub struct Handle {
     entry: ObjectEntry,
     stores: Vec<Arc<dyn ObjectStore>>,
     charge: String,
-    /// Set for the EROFS index of a mount (cachefiles: the primary blob named by its fsid), served
-    /// from the state directory.
-    primary: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Handle {
@@ -50,11 +46,6 @@ pub struct Core {
     fetcher: Fetcher,
     objects: Mutex<HashMap<Digest, Needed>>,
     stats: Mutex<HashMap<String, ImageStats>>,
-    /// The object files under CACHE/objects are the node cache (fanotify). False for cachefiles, whose
-    /// own cache files hold the objects: no second copy, no completeness record of ours.
-    node_files: bool,
-    /// cachefiles: primary blob names (fsids) -> (EROFS index file, size, mount charged).
-    primaries: Mutex<HashMap<String, (PathBuf, u64, String)>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -63,66 +54,13 @@ impl std::fmt::Debug for Core {
     }
 }
 
-/// What registering an object found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Registered {
-    /// No other mounted image referenced it before: the frontend must start watching it.
-    pub first: bool,
-    /// The cache already holds it whole.
-    pub complete: bool,
-}
-
 impl Core {
     pub fn new(cache: NodeCache, fetcher: Fetcher) -> Self {
-        Core {
-            cache,
-            fetcher,
-            objects: Mutex::new(HashMap::new()),
-            stats: Mutex::new(HashMap::new()),
-            node_files: true,
-            primaries: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// A core for the cachefiles frontend: the kernel's cache files are the node cache, so no object
-    /// files are created under CACHE/objects and nothing is recorded there.
-    pub fn for_cachefiles(cache: NodeCache, fetcher: Fetcher) -> Self {
-        Core { node_files: false, ..Core::new(cache, fetcher) }
-    }
-
-    /// cachefiles: serves the EROFS index `path` as the primary blob named `fsid` (for mount `image`).
-    pub fn add_primary(&self, fsid: &str, path: &Path, image: &str) -> anyhow::Result<()> {
-        let size = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?.len();
-        let mut p = self.primaries.lock().unwrap_or_else(|p| p.into_inner());
-        p.insert(fsid.to_owned(), (path.to_owned(), size, image.to_owned()));
-        Ok(())
-    }
-
-    /// cachefiles: picks a free fsid for a new mount of image `id` (the id, then `id.1`, `id.2`, ...:
-    /// a domain refuses an fsid that is live) and serves `path` under it.
-    pub fn claim_primary(&self, id: &str, path: &Path, image: &str) -> anyhow::Result<String> {
-        let size = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?.len();
-        let mut p = self.primaries.lock().unwrap_or_else(|p| p.into_inner());
-        let fsid = (0..)
-            .map(|n| if n == 0 { id.to_owned() } else { format!("{id}.{n}") })
-            .find(|f| !p.contains_key(f))
-            .expect("an unbounded range has a free name");
-        p.insert(fsid.clone(), (path.to_owned(), size, image.to_owned()));
-        Ok(fsid)
-    }
-
-    pub fn remove_primary(&self, fsid: &str) {
-        self.primaries.lock().unwrap_or_else(|p| p.into_inner()).remove(fsid);
+        Core { cache, fetcher, objects: Mutex::new(HashMap::new()), stats: Mutex::new(HashMap::new()) }
     }
 
     pub fn cache(&self) -> &NodeCache {
         &self.cache
-    }
-
-    /// Whether the object files under CACHE/objects are the node cache (the fanotify frontend), so
-    /// that their completeness records say what the node holds.
-    pub fn node_files(&self) -> bool {
-        self.node_files
     }
 
     /// Downloads `entry` from `stores` ahead of its first read ([`Fetcher::warm`]).
@@ -182,14 +120,9 @@ impl Core {
         self.stats().remove(image);
     }
 
-    /// Records that `image` needs `entry`, fetchable from `store`. Creates the sparse object file.
-    pub fn register(
-        &self,
-        image: &str,
-        entry: &ObjectEntry,
-        store: &Arc<dyn ObjectStore>,
-    ) -> anyhow::Result<Registered> {
-        let complete = if self.node_files { self.cache.prepare(&entry.digest, entry.size)? } else { false };
+    /// Records that `image` needs `entry`, fetchable from `store`. Returns true when no other mounted
+    /// image referenced it before (the frontend must start watching it).
+    pub fn register(&self, image: &str, entry: &ObjectEntry, store: &Arc<dyn ObjectStore>) -> bool {
         let mut objects = self.objects();
         let n = objects.entry(entry.digest).or_insert_with(|| Needed {
             entry: *entry,
@@ -201,7 +134,7 @@ impl Core {
             n.images.push(image.to_owned());
             n.stores.push(Arc::clone(store));
         }
-        Ok(Registered { first, complete })
+        first
     }
 
     /// Drops `image`'s claim on `digest`. Returns true when no mounted image needs the object anymore.
@@ -226,46 +159,29 @@ impl Core {
         v.sort_by(|a, b| a.reference.cmp(&b.reference));
         v
     }
-}
 
-impl Backend for Core {
-    type Object = Handle;
-
-    fn open(&self, key: &ObjectKey<'_>) -> Result<Opened<Handle>, Errno> {
-        if let Some((path, size, image)) = self.primaries.lock().unwrap_or_else(|p| p.into_inner()).get(key.name) {
-            let entry = ObjectEntry {
-                digest: [0; 32],
-                blob: [0; 32],
-                size: *size,
-                stored_size: *size,
-                compression: crate::oci::objmap::Compression::None,
-            };
-            let h = Handle { entry, stores: Vec::new(), charge: image.clone(), primary: Some(path.clone()) };
-            return Ok(Opened { object: h, size: *size });
-        }
+    /// The object named `name` (its sha256 in hex), for a frontend's [`fscache::backend::Backend::open`]:
+    /// ENOENT unless a mounted image registered it.
+    pub fn open(&self, name: &str) -> Result<Opened<Handle>, Errno> {
         let mut digest = [0u8; 32];
-        hex::decode_to_slice(key.name, &mut digest).map_err(|_| Errno::ENOENT)?;
+        hex::decode_to_slice(name, &mut digest).map_err(|_| Errno::ENOENT)?;
         let objects = self.objects();
         let n = objects.get(&digest).ok_or(Errno::ENOENT)?;
         let charge = n.images.first().cloned().unwrap_or_default();
-        let object = Handle { entry: n.entry, stores: n.stores.clone(), charge, primary: None };
+        let object = Handle { entry: n.entry, stores: n.stores.clone(), charge };
         Ok(Opened { object, size: n.entry.size })
     }
 
-    fn fill(&self, h: &Handle, _range: Range<u64>, sink: &mut dyn FillSink) -> Result<(), Errno> {
-        if let Some(path) = &h.primary {
-            return fill_primary(path, sink);
-        }
+    /// Writes the whole verified content of `h` through `sink`, for a frontend's
+    /// [`fscache::backend::Backend::fill`]; `written` runs once every byte is written (before the
+    /// statistics are counted), with the object's digest.
+    pub fn fill(&self, h: &Handle, sink: &mut dyn FillSink, written: &dyn Fn(&Digest)) -> Result<(), Errno> {
         // Whole objects only: the verified unit is the object, and the frontend drops its mark after.
         let start = Instant::now();
         let (outcome, joined) = self.fetcher.get(&h.entry, &h.stores);
         let result = outcome.and_then(|content| {
             content.for_each_piece(&mut |off, bytes| sink.write_at(off, bytes))?;
-            if !self.node_files {
-                return Ok(());
-            }
-            // Verified bytes are written: the reader may go on. The durable record follows off this path.
-            self.cache.complete_later(&h.entry.digest);
+            written(&h.entry.digest);
             Ok(())
         });
         let ms = start.elapsed().as_secs_f64() * 1e3;
@@ -286,16 +202,4 @@ impl Backend for Core {
         }
         result
     }
-}
-
-/// Writes the EROFS index file (pulled and verified into the state directory) through `sink`.
-fn fill_primary(path: &Path, sink: &mut dyn FillSink) -> Result<(), Errno> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        tracing::error!(path = %path.display(), error = %e, "reading the EROFS index");
-        Errno::EIO
-    })?;
-    for (i, c) in bytes.chunks(1 << 20).enumerate() {
-        sink.write_at((i << 20) as u64, c)?;
-    }
-    Ok(())
 }

@@ -1,8 +1,10 @@
-//! Mounting images lazily: the EROFS index file-backed with one `device=` per object file of the node
-//! cache (new mount API, [`crate::mount::mount_erofs_file`]), overlayfs on top with an upper and a work
-//! directory. Each mount is recorded in `STATE/mounts/<id>/record.json` (with `lower/`, and `upper/`
-//! and `work/` when the client gave none), so a restarted worker finds the mounts the kernel still has
-//! and watches their objects again.
+//! Mounting images lazily: the EROFS index as the frontend mounts it (super::frontend: file-backed
+//! with one `device=` per object file for fanotify, over fscache for cachefiles), overlayfs on top with
+//! an upper and a work directory (or the lower alone, `lower_only`). The objects each mount needs are
+//! registered with the [`Core`] and watched by the frontend, once per object however many images share
+//! it. Each mount is recorded in `STATE/mounts/<id>/record.json` (with `lower/`, and `upper/` and
+//! `work/` when the client gave none), so a restarted worker finds the mounts the kernel still has and
+//! watches their objects again.
 
 use std::collections::HashMap;
 use std::fs;
@@ -10,11 +12,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use fscache::fanotify::Frontend;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
 use super::core::Core;
+use super::frontend::Frontend;
 use super::images::{self, Image, ImageSpec};
 use super::protocol::{FrontendKind, MountRequest};
 
@@ -33,7 +35,8 @@ pub struct MountRecord {
     /// Only the EROFS index is mounted, at `dir` (= `lower`); no overlayfs.
     #[serde(default)]
     pub lower_only: bool,
-    /// cachefiles: the fsid of the mount's primary blob (absent for fanotify mounts).
+    /// cachefiles: the fsid of the mount's primary blob (absent for fanotify mounts; see
+    /// [`Frontend::claim`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fsid: Option<String>,
 }
@@ -42,8 +45,8 @@ pub struct MountRecord {
 pub struct Mounts {
     state: PathBuf,
     core: Arc<Core>,
-    /// The fanotify frontend; None when the daemon serves cachefiles (super::cachefiles).
-    frontend: Option<Arc<Frontend<Core>>>,
+    /// The kernel interface the worker serves.
+    frontend: Arc<dyn Frontend>,
     live: Mutex<HashMap<String, (MountRecord, Arc<Image>)>>,
     /// Held while objects are registered and marked, or released and unmarked: the first image to
     /// need an object marks it before any other image's mount can read it, and the last to let it go
@@ -80,7 +83,7 @@ fn mounted() -> Result<Vec<PathBuf>> {
 }
 
 impl Mounts {
-    pub fn new(state: &Path, core: Arc<Core>, frontend: Option<Arc<Frontend<Core>>>) -> Self {
+    pub fn new(state: &Path, core: Arc<Core>, frontend: Arc<dyn Frontend>) -> Self {
         Mounts {
             state: state.to_owned(),
             core,
@@ -98,22 +101,23 @@ impl Mounts {
     }
 
     /// The kernel interface this daemon serves.
+    pub fn frontend(&self) -> &dyn Frontend {
+        &*self.frontend
+    }
+
+    /// The kind of [`Mounts::frontend`].
     pub fn kind(&self) -> FrontendKind {
-        if self.frontend.is_some() {
-            FrontendKind::Fanotify
-        } else {
-            FrontendKind::Cachefiles
-        }
+        self.frontend.kind()
     }
 
     fn mounts_dir(&self) -> PathBuf {
         self.state.join("mounts")
     }
 
-    /// Watches the objects of `img` for the mount `key`: creates the sparse object files and marks the
-    /// ones that are not complete (once per object, however many images share it).
-    /// Registers the image's objects with the core (and marks the incomplete ones for the fanotify
-    /// frontend).
+    /// Registers the objects of `img` for the mount `key` with the core, and has the frontend prepare
+    /// each and watch the ones no other mounted image needed before (fanotify: creates the sparse
+    /// object files and marks the ones that are not complete, once per object however many images
+    /// share it).
     fn attach(&self, key: &str, img: &Image) -> Result<()> {
         let _one = self.attaching.lock().unwrap_or_else(|p| p.into_inner());
         self.core.add_image(
@@ -125,20 +129,15 @@ impl Mounts {
         );
         let mut hits = 0;
         for (i, e) in img.devices.iter().enumerate() {
-            let r =
-                self.core.register(key, e, &img.store).inspect_err(|_| self.detach_locked(key, &img.devices[..i]))?;
-            hits += u64::from(r.complete);
-            let Some(frontend) = &self.frontend else { continue };
-            if !r.first {
+            let complete = self.frontend.prepare(e).inspect_err(|_| self.detach_locked(key, &img.devices[..i]))?;
+            let first = self.core.register(key, e, &img.store);
+            hits += u64::from(complete);
+            if !first {
                 continue;
             }
-            let path = self.core.cache().path(&e.digest);
-            if r.complete {
-                // A mark a killed worker left on an object it had completed: drop it (no-op otherwise).
-                let _ = frontend.group().unmark(&path);
-            } else if let Err(err) = frontend.add(&path, &hex::encode(e.digest)) {
+            if let Err(err) = self.frontend.watch(e, complete) {
                 self.detach_locked(key, &img.devices[..=i]);
-                return Err(err).context("marking an object file for pre-content events");
+                return Err(err);
             }
         }
         self.core.count_cache_hits(key, hits);
@@ -153,11 +152,7 @@ impl Mounts {
     fn detach_locked(&self, key: &str, devices: &[crate::oci::objmap::ObjectEntry]) {
         for e in devices {
             if self.core.release(key, &e.digest) {
-                let Some(frontend) = &self.frontend else { continue };
-                let path = self.core.cache().path(&e.digest);
-                if let Err(err) = frontend.remove(&path) {
-                    tracing::warn!(error = %err, path = %path.display(), "unwatching an object file");
-                }
+                self.frontend.unwatch(e);
             }
         }
         self.core.forget_image(key);
@@ -187,7 +182,7 @@ impl Mounts {
             Some(dir) => images::from_local(&self.state, dir, &spec)?,
             None => images::pull(&self.state, &spec)?,
         });
-        self.prefetch.warm(&id, &self.core, &img);
+        self.prefetch.warm(&id, &self.core, &img, self.frontend.object_files());
         // A mount that fails from here on stops those downloads.
         let mut warming = StopOnDrop(Some((&self.prefetch, &id)));
         let mdir = self.mounts_dir().join(&id);
@@ -216,20 +211,13 @@ impl Mounts {
         }
         let mut rec = rec;
         self.attach(&id, &img)?;
-        if self.frontend.is_none() {
-            match self.core.claim_primary(&img.id, &img.erofs_path(), &id) {
-                Ok(fsid) => rec.fsid = Some(fsid),
-                Err(e) => {
-                    self.detach(&id, &img.devices);
-                    return Err(e);
-                }
-            }
+        if let Err(e) = self.frontend.claim(&mut rec, &img) {
+            self.detach(&id, &img.devices);
+            return Err(e);
         }
         if let Err(e) = self.kernel_mount(&rec, &img) {
             self.detach(&id, &img.devices);
-            if let Some(f) = &rec.fsid {
-                self.core.remove_primary(f);
-            }
+            self.frontend.release(&rec);
             return Err(e);
         }
         crate::oci::layout::write_atomic(&mdir.join("record.json"), &serde_json::to_vec_pretty(&rec)?)?;
@@ -239,7 +227,7 @@ impl Mounts {
         });
         warming.0 = None;
         drop(warming);
-        self.prefetch.start(&id, &rec.lower, &img, &self.core);
+        self.prefetch.start(&id, &rec.lower, &img, &self.core, self.frontend.object_files());
         self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (rec, img));
         Ok(out)
     }
@@ -258,16 +246,7 @@ impl Mounts {
     }
 
     fn kernel_mount(&self, rec: &MountRecord, img: &Image) -> Result<()> {
-        if let Some(fsid) = &rec.fsid {
-            crate::mount::mount_erofs_fscache(fsid, super::frontend::cachefiles::DOMAIN, &rec.lower)?;
-        } else {
-            let devices: Vec<PathBuf> = img.devices.iter().map(|e| self.core.cache().path(&e.digest)).collect();
-            // Always direct I/O, even when every object is already complete (no marks): measured with
-            // scripts/bench-warm, a buffered mount of complete objects read cold at 0.70x plain+overlay
-            // against 0.77x for direct I/O in the same run (each object is its own file, so buffered
-            // readahead cannot run past it, and pages are cached twice).
-            crate::mount::mount_erofs_file(&img.erofs_path(), &rec.lower, &devices, true)?;
-        }
+        self.frontend.mount_lower(rec, img)?;
         if rec.lower_only {
             return Ok(());
         }
@@ -298,9 +277,7 @@ impl Mounts {
         }
         crate::mount::umount(&rec.lower)?;
         self.detach(&id, &img.devices);
-        if let Some(f) = &rec.fsid {
-            self.core.remove_primary(f);
-        }
+        self.frontend.release(&rec);
         self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         let mdir = self.mounts_dir().join(&id);
         if rec.own_upper {
@@ -368,11 +345,9 @@ impl Mounts {
                 .with_context(|| format!("loading image {} of the mount at {}", rec.image, rec.dir.display()))?,
         );
         self.attach(&rec.id, &img).with_context(|| format!("watching the objects of {}", rec.dir.display()))?;
-        if let Some(f) = &rec.fsid {
-            if let Err(e) = self.core.add_primary(f, &img.erofs_path(), &rec.id) {
-                self.detach(&rec.id, &img.devices);
-                return Err(e).with_context(|| format!("registering the index of {}", rec.dir.display()));
-            }
+        if let Err(e) = self.frontend.reclaim(&rec, &img) {
+            self.detach(&rec.id, &img.devices);
+            return Err(e).with_context(|| format!("registering the index of {}", rec.dir.display()));
         }
         self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(rec.id.clone(), (rec, img));
         Ok(true)

@@ -8,7 +8,7 @@
 //!   which hands it again every request its predecessor had read but not answered; objects whose
 //!   anonymous fds died with it are re-OPENed by the kernel.
 //! * Requests (OPEN / READ / CLOSE) are served by [`fscache::ring::Server`] (io_uring loop + a pool of
-//!   fill threads) over the daemon [`Core`]. A READ is answered with the whole object
+//!   fill threads) over the daemon [`Core`] and the mounts' primary blobs ([`Served`]). A READ is answered with the whole object
 //!   (`fill_whole`): the core fetches and verifies whole objects anyway, and once the kernel's cache
 //!   file holds all of it, no later read of that object reaches the daemon.
 //! * Every image is mounted in one fscache domain, [`DOMAIN`]: an object shared by several images is
@@ -16,7 +16,8 @@
 //!   `CACHE/cachefiles` are the node cache; nothing is copied to `CACHE/objects`.
 //! * Each mount's primary blob (its EROFS index) is named by a per-mount fsid (the image id, with a
 //!   `.N` suffix for a second concurrent mount of the same image: a domain refuses an fsid that is
-//!   already live, docs/kernel.md B.2).
+//!   already live, docs/kernel.md B.2), recorded in the mount record ([`MountRecord::fsid`]) and
+//!   served from the state directory ([`Primaries`]).
 //!
 //! Anonymous fds: the kernel hands one fd per OPEN (one per distinct object in the domain, plus one
 //! primary per mount), and the loop keeps it until the object's CLOSE (last unmount using it): a
@@ -24,15 +25,29 @@
 //! (page cache dropped). So the worker raises RLIMIT_NOFILE ([`raise_nofile_limit`]); the budget is
 //! the number of distinct objects over all mounted images.
 
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{Context, Result};
+use fscache::backend::{Backend, Errno, FillSink, ObjectKey, Opened};
 use fscache::cachefiles::{Device, Error as DevError};
 use fscache::ring::timing::Timings;
 use fscache::ring::{Config as RingConfig, Server};
 
-use crate::daemon::core::Core;
+use super::Frontend;
+use crate::daemon::cache::NodeCache;
+use crate::daemon::core::{Core, Handle};
+use crate::daemon::images::Image;
+use crate::daemon::mounts::{MountRecord, Mounts};
+use crate::daemon::protocol::FrontendKind;
+use crate::daemon::{worker, Config};
+use crate::oci::objmap::ObjectEntry;
+
+/// Label of the fd message the supervisor sends (/dev/cachefiles session + control listener).
+pub const FDS_LABEL: &str = "wisp-daemon cachefiles";
 
 /// The fscache domain of every wisp mount.
 pub const DOMAIN: &str = "wisp";
@@ -67,6 +82,13 @@ pub fn open_bound(cache: &Path) -> Result<Device> {
     Ok(dev)
 }
 
+/// Opens the session the supervisor holds: checks that EROFS can mount over fscache, then opens and
+/// binds `/dev/cachefiles` ([`open_bound`]).
+pub fn open_session(cache: &NodeCache) -> Result<Device> {
+    check_erofs_ondemand()?;
+    open_bound(cache.root())
+}
+
 /// Checks that the kernel's EROFS can mount over fscache (CONFIG_EROFS_FS_ONDEMAND): `fsid` is refused
 /// at fsconfig time otherwise. No mount is made.
 pub fn check_erofs_ondemand() -> Result<()> {
@@ -99,10 +121,10 @@ pub fn raise_nofile_limit() -> Result<u64> {
 /// Prepares to serve the session: `restore` (a no-op for a fresh session; after a worker restart it
 /// re-queues what the dead worker had read), then the io_uring loop, which [`Server::run`] runs on the
 /// caller's thread.
-pub fn start(dev: Device, core: Arc<Core>, fill_workers: usize) -> Result<Server<Core>> {
+pub fn start(dev: Device, served: Arc<Served>, fill_workers: usize) -> Result<Server<Served>> {
     dev.restore().context("cachefiles `restore` (the kernel needs the 6.8 failover backport, 6.1.95+)")?;
     let config = RingConfig { workers: fill_workers.max(1), fill_whole: true, ..RingConfig::default() };
-    Server::new(dev, core, config).context("starting the cachefiles loop")
+    Server::new(dev, served, config).context("starting the cachefiles loop")
 }
 
 /// The handling times as the control socket reports them (`wisp stats`).
@@ -114,4 +136,182 @@ pub fn timings_json(t: &Timings) -> serde_json::Value {
         })
     };
     serde_json::json!({ "open": one(t.open()), "read": one(t.read()) })
+}
+
+/// The primary blobs of the live mounts: fsid -> (EROFS index file, size).
+#[derive(Debug, Default)]
+pub struct Primaries(Mutex<HashMap<String, (PathBuf, u64)>>);
+
+impl Primaries {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (PathBuf, u64)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves the EROFS index `path` as the primary blob named `fsid`.
+    pub fn add(&self, fsid: &str, path: &Path) -> Result<()> {
+        let size = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?.len();
+        self.map().insert(fsid.to_owned(), (path.to_owned(), size));
+        Ok(())
+    }
+
+    /// Picks a free fsid for a new mount of image `id` (the id, then `id.1`, `id.2`, ...: a domain
+    /// refuses an fsid that is live) and serves `path` under it.
+    pub fn claim(&self, id: &str, path: &Path) -> Result<String> {
+        let size = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?.len();
+        let mut p = self.map();
+        let fsid = (0..)
+            .map(|n| if n == 0 { id.to_owned() } else { format!("{id}.{n}") })
+            .find(|f| !p.contains_key(f))
+            .expect("an unbounded range has a free name");
+        p.insert(fsid.clone(), (path.to_owned(), size));
+        Ok(fsid)
+    }
+
+    pub fn remove(&self, fsid: &str) {
+        self.map().remove(fsid);
+    }
+
+    /// The index file and size served as `fsid`.
+    pub fn get(&self, fsid: &str) -> Option<(PathBuf, u64)> {
+        self.map().get(fsid).cloned()
+    }
+}
+
+/// What the cachefiles loop serves: the mounts' primary blobs (their EROFS index files, by fsid), and
+/// the objects of the [`Core`] (by sha256). The kernel's cache files hold what is filled: no object file
+/// of ours, no completeness record.
+#[derive(Debug)]
+pub struct Served {
+    core: Arc<Core>,
+    primaries: Primaries,
+}
+
+/// A blob the kernel opened.
+#[derive(Debug)]
+pub enum Blob {
+    /// A mount's EROFS index, read from the state directory.
+    Primary(PathBuf),
+    /// An object of the core.
+    Object(Handle),
+}
+
+impl Backend for Served {
+    type Object = Blob;
+
+    fn open(&self, key: &ObjectKey<'_>) -> Result<Opened<Blob>, Errno> {
+        if let Some((path, size)) = self.primaries.get(key.name) {
+            return Ok(Opened { object: Blob::Primary(path), size });
+        }
+        let o = self.core.open(key.name)?;
+        Ok(Opened { object: Blob::Object(o.object), size: o.size })
+    }
+
+    fn fill(&self, b: &Blob, _range: std::ops::Range<u64>, sink: &mut dyn FillSink) -> Result<(), Errno> {
+        match b {
+            Blob::Primary(path) => fill_primary(path, sink),
+            Blob::Object(h) => self.core.fill(h, sink, &|_| {}),
+        }
+    }
+}
+
+/// Writes the EROFS index file (pulled and verified into the state directory) through `sink`.
+fn fill_primary(path: &Path, sink: &mut dyn FillSink) -> Result<(), Errno> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        tracing::error!(path = %path.display(), error = %e, "reading the EROFS index");
+        Errno::EIO
+    })?;
+    for (i, c) in bytes.chunks(1 << 20).enumerate() {
+        sink.write_at((i << 20) as u64, c)?;
+    }
+    Ok(())
+}
+
+/// The worker's cachefiles frontend.
+#[derive(Debug)]
+pub struct Cachefiles {
+    served: Arc<Served>,
+    /// The loop's handling times (set once it is started).
+    timings: OnceLock<Arc<Timings>>,
+}
+
+impl Cachefiles {
+    pub fn new(core: Arc<Core>) -> Cachefiles {
+        Cachefiles { served: Arc::new(Served { core, primaries: Primaries::default() }), timings: OnceLock::new() }
+    }
+}
+
+impl Frontend for Cachefiles {
+    fn kind(&self) -> FrontendKind {
+        FrontendKind::Cachefiles
+    }
+
+    fn object_files(&self) -> bool {
+        false
+    }
+
+    fn prepare(&self, _entry: &ObjectEntry) -> Result<bool> {
+        Ok(false)
+    }
+
+    fn watch(&self, _entry: &ObjectEntry, _complete: bool) -> Result<()> {
+        Ok(())
+    }
+
+    fn unwatch(&self, _entry: &ObjectEntry) {}
+
+    fn claim(&self, rec: &mut MountRecord, img: &Image) -> Result<()> {
+        rec.fsid = Some(self.served.primaries.claim(&img.id, &img.erofs_path())?);
+        Ok(())
+    }
+
+    fn mount_lower(&self, rec: &MountRecord, _img: &Image) -> Result<()> {
+        let fsid = rec.fsid.as_deref().context("a cachefiles mount without an fsid")?;
+        crate::mount::mount_erofs_fscache(fsid, DOMAIN, &rec.lower)
+    }
+
+    fn reclaim(&self, rec: &MountRecord, img: &Image) -> Result<()> {
+        match &rec.fsid {
+            Some(f) => self.served.primaries.add(f, &img.erofs_path()),
+            None => Ok(()),
+        }
+    }
+
+    fn release(&self, rec: &MountRecord) {
+        if let Some(f) = &rec.fsid {
+            self.served.primaries.remove(f);
+        }
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let mut frontend = match self.timings.get() {
+            Some(t) => timings_json(t),
+            None => serde_json::json!({}),
+        };
+        frontend["kind"] = "cachefiles".into();
+        frontend
+    }
+
+    fn status(&self) -> serde_json::Map<String, serde_json::Value> {
+        serde_json::Map::new()
+    }
+
+    /// Receives the bound /dev/cachefiles session, registers the objects of the images still mounted,
+    /// then `restore` and the io_uring loop on this thread ([`start`]).
+    fn run_worker(cfg: &Config, session: OwnedFd, listener: OwnedFd) -> Result<()> {
+        let dev = Device::from_owned_fd(session);
+        let listener = UnixListener::from(listener);
+        let nofile = raise_nofile_limit()?;
+        let core = worker::open_core(cfg)?;
+        let frontend = Arc::new(Cachefiles::new(Arc::clone(&core)));
+        let mounts = Arc::new(Mounts::new(&cfg.state, core, Arc::clone(&frontend) as Arc<dyn Frontend>));
+        let restored = mounts.restore().context("restoring mounts")?;
+        tracing::info!(restored, nofile, pid = std::process::id(), frontend = "cachefiles", "worker ready");
+        worker::write_pid(cfg)?;
+        let mut server = start(dev, Arc::clone(&frontend.served), cfg.fill_workers)?;
+        let _ = frontend.timings.set(server.timings());
+        worker::control_thread(listener, mounts)?;
+        tracing::debug!("serving /dev/cachefiles");
+        server.run().context("serving /dev/cachefiles")?;
+        Ok(())
+    }
 }

@@ -4,12 +4,13 @@
 //! * Recording: the core keeps, per mount, the order in which objects were filled. [`accessed`] maps
 //!   those digests to paths of the image (the first path naming each object, from the EROFS index) at
 //!   request time, off the fill path.
-//! * Ahead of the mount: [`Prefetches::warm`] downloads the listed objects while the mount is set up, and
-//!   the fetcher holds them for their first fill.
+//! * Ahead of the mount (fanotify): [`Prefetches::warm`] downloads the listed objects while the mount
+//!   is set up, and the fetcher holds them for their first fill.
 //! * Prefetch: [`Prefetches::start`] runs a few threads that each read one byte of the next listed
-//!   file through the mounted EROFS lower. That raises the ordinary pre-content event, so the ordinary
-//!   verified fill does the work, whatever the frontend. They use at most [`PARALLEL`] of the fill
-//!   workers, so on-demand reads always find free ones; umount stops them ([`Prefetches::stop`]).
+//!   file through the mounted EROFS lower. That raises the frontend's ordinary request (a pre-content
+//!   event, or a cachefiles READ), so the ordinary verified fill does the work, whatever the
+//!   frontend. They use at most [`PARALLEL`] of the fill workers, so on-demand reads always find free
+//!   ones; umount stops them ([`Prefetches::stop`]).
 
 use std::collections::HashMap;
 use std::io::Read as _;

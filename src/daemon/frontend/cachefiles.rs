@@ -4,13 +4,14 @@
 //! * The supervisor opens `/dev/cachefiles`, binds it (`dir CACHE/cachefiles`, `tag wisp`,
 //!   `bind ondemand`: [`open_bound`]) and holds the session for the daemon's lifetime, so a dead worker
 //!   never releases it (that would fail every outstanding request and break every mount for good,
-//!   docs/kernel.md A.6). Each worker receives a copy over SCM_RIGHTS and sends `restore` first ([`serve`]),
-//!   which hands it again every request its predecessor had read but not answered; objects whose
-//!   anonymous fds died with it are re-OPENed by the kernel.
+//!   docs/kernel.md A.6). Each worker receives a copy over SCM_RIGHTS and sends `restore` first
+//!   ([`start`]), which hands it again every request its predecessor had read but not answered;
+//!   objects whose anonymous fds died with it are re-OPENed by the kernel.
 //! * Requests (OPEN / READ / CLOSE) are served by [`fscache::ring::Server`] (io_uring loop + a pool of
-//!   fill threads) over the daemon [`Core`] and the mounts' primary blobs ([`Served`]). A READ is answered with the whole object
-//!   (`fill_whole`): the core fetches and verifies whole objects anyway, and once the kernel's cache
-//!   file holds all of it, no later read of that object reaches the daemon.
+//!   fill threads) over the daemon [`Core`] and the mounts' primary blobs ([`Served`]). A READ is
+//!   answered with the whole object (`fill_whole`): the core fetches and verifies whole objects
+//!   anyway, and once the kernel's cache file holds all of it, no later read of that object reaches
+//!   the daemon.
 //! * Every image is mounted in one fscache domain, [`DOMAIN`]: an object shared by several images is
 //!   one cookie, one OPEN, one cache file, fetched once. The kernel's cache files under
 //!   `CACHE/cachefiles` are the node cache; nothing is copied to `CACHE/objects`.
@@ -315,3 +316,4 @@ impl Frontend for Cachefiles {
         Ok(())
     }
 }
+

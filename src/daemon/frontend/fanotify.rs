@@ -5,8 +5,8 @@
 //!   kernel would allow them and unfilled holes would read as zeros (docs/kernel.md G.4). Each worker
 //!   receives it over SCM_RIGHTS.
 //! * Each object a mounted image needs is a sparse file of the node cache, `CACHE/objects/<2 hex>/<64
-//!   hex>` (super::super::cache), marked for pre-content events until it is complete. The first read
-//!   of a marked file blocks in the kernel; [`fscache::fanotify::Frontend`] (a pool of fill threads)
+//!   hex>` ([`crate::daemon::cache`]), marked for pre-content events until it is complete. The first
+//!   read of a marked file blocks in the kernel; [`fscache::fanotify::Frontend`] (a pool of fill threads)
 //!   asks the [`Core`] for the whole object, writes it, answers the event and drops the mark. The
 //!   completeness record follows off the reader's path ([`NodeCache::complete_later`]).
 //! * A mount is the EROFS index file-backed with one `device=` per object file, always with direct
@@ -15,7 +15,7 @@
 //!   (`STATE/inflight`, `fscache::fanotify::journal`), and its successor answers them
 //!   ([`fscache::fanotify::Frontend::recover`]) once the mounts are restored.
 //!
-//! [`NodeCache::complete_later`]: super::super::cache::NodeCache::complete_later
+//! [`NodeCache::complete_later`]: crate::daemon::cache::NodeCache::complete_later
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;

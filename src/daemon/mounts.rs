@@ -431,3 +431,213 @@ impl Drop for StopOnDrop<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::daemon::cache::NodeCache;
+    use crate::daemon::fetcher::{FetchOptions, Fetcher};
+    use crate::daemon::frontend::cachefiles::Cachefiles;
+
+    /// Mounts of a cachefiles worker: its frontend needs no kernel session until it serves, and none of
+    /// these tests reaches the kernel through it.
+    fn mounts(dir: &Path) -> Mounts {
+        let cache = NodeCache::open(&dir.join("cache")).unwrap();
+        let fetcher = Fetcher::new(FetchOptions {
+            concurrency: 1,
+            attempts: 1,
+            backoff: Duration::from_millis(10),
+            deadline: Duration::from_secs(10),
+            min_rate: 0.0,
+            spool_dir: cache.tmp_dir(),
+            delay: Duration::ZERO,
+        });
+        let core = Arc::new(Core::new(cache, fetcher));
+        let frontend = Arc::new(Cachefiles::new(Arc::clone(&core)));
+        Mounts::new(&dir.join("state"), core, frontend)
+    }
+
+    fn request(dir: &str) -> MountRequest {
+        MountRequest {
+            reference: "docker://127.0.0.1:5000/wisp/none:v1".into(),
+            dir: dir.into(),
+            upper: None,
+            work: None,
+            plain_http: true,
+            store: None,
+            frontend: FrontendKind::Auto,
+            index: None,
+            lower_only: false,
+        }
+    }
+
+    fn record(id: &str, dir: &Path, lower: &Path) -> MountRecord {
+        MountRecord {
+            id: id.into(),
+            image: "ab".repeat(32),
+            reference: "docker://127.0.0.1:5000/wisp/none:v1".into(),
+            dir: dir.into(),
+            lower: lower.into(),
+            upper: dir.join("upper"),
+            work: dir.join("work"),
+            own_upper: true,
+            lower_only: false,
+            fsid: None,
+        }
+    }
+
+    /// A tmpfs mounted for the test, unmounted when dropped.
+    struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        fn at(path: &Path) -> Tmpfs {
+            fs::create_dir_all(path).unwrap();
+            rustix::mount::mount("tmpfs", path, "tmpfs", rustix::mount::MountFlags::empty(), c"")
+                .unwrap_or_else(|e| panic!("mounting a tmpfs on {} (tests run as root): {e}", path.display()));
+            Tmpfs(path.to_owned())
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = crate::mount::umount(&self.0);
+        }
+    }
+
+    #[test]
+    fn mount_id_names_the_directory() {
+        // The first 8 bytes of sha256 of the path, in hex (`printf %s /mnt/a | sha256sum`): the name of
+        // the record directory under STATE/mounts, which a restarted worker must find again.
+        assert_eq!(mount_id(Path::new("/mnt/a")), "f72353b3dcd8f57a");
+        assert_eq!(mount_id(Path::new("/mnt/a b")), "2713cd21872bcfea");
+    }
+
+    #[test]
+    fn overlay_options_refuse_what_the_kernel_would_split() {
+        let rec = record("x", Path::new("/mnt/c"), Path::new("/s/mounts/x/lower"));
+        assert_eq!(
+            overlay_options(&rec).unwrap(),
+            "lowerdir=/s/mounts/x/lower,upperdir=/mnt/c/upper,workdir=/mnt/c/work"
+        );
+        for bad in ["/a,lowerdir=/etc", "/a:/etc", "/a\\,b", "/a\nb"] {
+            let e = check_overlay_path(Path::new(bad)).unwrap_err().to_string();
+            assert!(e.contains("overlayfs mount options cannot carry"), "{bad:?}: {e}");
+            let mut r = rec.clone();
+            r.upper = bad.into();
+            assert!(overlay_options(&r).is_err(), "{bad:?} as upper");
+        }
+        use std::os::unix::ffi::OsStrExt;
+        let e = check_overlay_path(Path::new(std::ffi::OsStr::from_bytes(b"/a\xff"))).unwrap_err().to_string();
+        assert!(e.contains("not valid UTF-8"), "{e}");
+        assert!(check_overlay_path(Path::new("/var/lib/wisp/mnt/a b")).is_ok(), "a space is fine");
+    }
+
+    #[test]
+    fn record_format() {
+        let rec = record("x", Path::new("/mnt/c"), Path::new("/s/lower"));
+        let v = serde_json::to_value(&rec).unwrap();
+        assert!(v.get("fsid").is_none(), "a fanotify record has no fsid: {v}");
+        assert_eq!(v["lower_only"], false);
+        let back: MountRecord = serde_json::from_value(v).unwrap();
+        assert_eq!((back.id, back.fsid), ("x".to_owned(), None));
+        // A record written before `lower_only` and `fsid` existed.
+        let old = r#"{"id":"x","image":"i","reference":"r","dir":"/d","lower":"/l","upper":"/u","work":"/w","own_upper":false}"#;
+        let r: MountRecord = serde_json::from_str(old).unwrap();
+        assert!(!r.lower_only && r.fsid.is_none());
+        let cf = MountRecord { fsid: Some("i.1".into()), ..r };
+        let back: MountRecord = serde_json::from_str(&serde_json::to_string(&cf).unwrap()).unwrap();
+        assert_eq!(back.fsid.as_deref(), Some("i.1"));
+    }
+
+    #[test]
+    fn mount_requests_refused_before_anything_is_made() {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let m = mounts(tmp.path());
+        assert_eq!(m.kind(), FrontendKind::Cachefiles);
+        let dir = tmp.path().join("mnt");
+        let cases = [
+            (
+                MountRequest { frontend: FrontendKind::Fanotify, ..request(dir.to_str().unwrap()) },
+                "serves the cachefiles",
+            ),
+            (request("relative/mnt"), "must be an absolute path"),
+            (request(&format!("{},x", dir.display())), "cannot carry ','"),
+            (MountRequest { upper: Some("/u:/etc".into()), ..request(dir.to_str().unwrap()) }, "cannot carry ':'"),
+            (MountRequest { work: Some("/w\\x".into()), ..request(dir.to_str().unwrap()) }, "cannot carry '\\\\'"),
+        ];
+        for (req, want) in cases {
+            let e = format!("{:#}", m.mount(&req).unwrap_err());
+            assert!(e.contains(want), "{req:?}: {e}");
+        }
+        assert!(!tmp.path().join("state/mounts").exists(), "no mount directory made");
+        assert!(!dir.exists(), "no mount point made");
+        assert!(m.list().is_empty());
+    }
+
+    #[test]
+    fn a_directory_is_reserved_once() {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let m = mounts(tmp.path());
+        let dir = Path::new("/mnt/a");
+        let r = m.reserve(&mount_id(dir), dir).unwrap();
+        let e = m.reserve(&mount_id(dir), dir).err().unwrap().to_string();
+        assert!(e.contains("still in progress"), "{e}");
+        assert!(m.reserve(&mount_id(Path::new("/mnt/b")), Path::new("/mnt/b")).is_ok(), "another directory");
+        drop(r);
+        assert!(m.reserve(&mount_id(dir), dir).is_ok(), "free again once the mount is over");
+        let e = m.umount(dir).unwrap_err().to_string();
+        assert!(e.contains("no wisp image is mounted there"), "{e}");
+    }
+
+    #[test]
+    fn mountinfo_names_are_unescaped() {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        // The kernel escapes space, tab, newline and backslash in /proc/self/mountinfo as octal.
+        let odd = tmp.path().join("a b\tc\nd\\e");
+        let _t = Tmpfs::at(&odd);
+        assert!(mounted().unwrap().contains(&odd), "{} not among the mount points", odd.display());
+    }
+
+    #[test]
+    fn restore_forgets_gone_mounts_and_keeps_broken_records() {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let m = mounts(tmp.path());
+        let records = tmp.path().join("state/mounts");
+        let write = |id: &str, bytes: &[u8]| {
+            fs::create_dir_all(records.join(id)).unwrap();
+            fs::write(records.join(id).join("record.json"), bytes).unwrap();
+        };
+        // Not mounted anymore: forgotten.
+        let gone = record("gone", &tmp.path().join("mnt-gone"), &tmp.path().join("lower-gone"));
+        write("gone", &serde_json::to_vec(&gone).unwrap());
+        // Does not parse: kept, and listed.
+        write("garbled", b"{\"id\": ");
+        // Still mounted, but its image is not in the state directory: kept, and listed.
+        let lower = tmp.path().join("lower-kept");
+        let _t = Tmpfs::at(&lower);
+        let kept = record("kept", &tmp.path().join("mnt-kept"), &lower);
+        write("kept", &serde_json::to_vec(&kept).unwrap());
+        // A directory without a record: nothing to restore.
+        fs::create_dir_all(records.join("empty")).unwrap();
+
+        assert_eq!(m.restore().unwrap(), 0);
+        assert!(!records.join("gone/record.json").exists(), "the record of a gone mount is dropped");
+        assert!(records.join("garbled/record.json").exists());
+        assert!(records.join("kept/record.json").exists());
+        let un = m.unrestored();
+        assert_eq!(un.len(), 2, "{un:?}");
+        let error_of = |id: &str| {
+            let path = records.join(id).join("record.json");
+            let u =
+                un.iter().find(|u| u["record"] == serde_json::json!(path)).unwrap_or_else(|| panic!("{id}: {un:?}"));
+            u["error"].as_str().unwrap().to_owned()
+        };
+        assert!(error_of("garbled").contains("parsing the mount record"));
+        let e = error_of("kept");
+        assert!(e.contains(&format!("loading image {}", kept.image)) && e.contains("mnt-kept"), "{e}");
+        assert!(m.list().is_empty());
+        assert!(m.core().report().is_empty(), "no image left registered");
+    }
+}

@@ -317,3 +317,78 @@ impl Frontend for Cachefiles {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_mount_of_an_image_gets_the_next_fsid() {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let index = tmp.path().join("index.erofs");
+        std::fs::write(&index, vec![7u8; 5000]).unwrap();
+        let p = Primaries::default();
+        assert_eq!(p.claim("img", &index).unwrap(), "img");
+        assert_eq!(p.claim("img", &index).unwrap(), "img.1");
+        assert_eq!(p.claim("img", &index).unwrap(), "img.2");
+        assert_eq!(p.claim("other", &index).unwrap(), "other");
+        p.remove("img.1");
+        assert_eq!(p.claim("img", &index).unwrap(), "img.1", "a released fsid is free again");
+        assert_eq!(p.get("img.2"), Some((index.clone(), 5000)));
+        // After a worker restart the recorded fsid is taken back as it is.
+        p.add("img.7", &index).unwrap();
+        assert_eq!(p.get("img.7"), Some((index.clone(), 5000)));
+        // A missing index file takes no fsid.
+        let e = format!("{:#}", p.claim("img", &tmp.path().join("missing")).unwrap_err());
+        assert!(e.contains("missing"), "{e}");
+        assert_eq!(p.claim("img", &index).unwrap(), "img.3");
+    }
+
+    /// A sink that collects what a fill writes.
+    #[derive(Default)]
+    struct Collect(Vec<u8>);
+
+    impl FillSink for Collect {
+        fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), Errno> {
+            let end = offset as usize + data.len();
+            if self.0.len() < end {
+                self.0.resize(end, 0);
+            }
+            self.0[offset as usize..end].copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn primaries_are_served_from_the_index_file() {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let cache = NodeCache::open(&tmp.path().join("cache")).unwrap();
+        let fetcher = crate::daemon::fetcher::Fetcher::new(crate::daemon::fetcher::FetchOptions {
+            concurrency: 1,
+            attempts: 1,
+            backoff: std::time::Duration::from_millis(10),
+            deadline: std::time::Duration::from_secs(10),
+            min_rate: 0.0,
+            spool_dir: cache.tmp_dir(),
+            delay: std::time::Duration::ZERO,
+        });
+        let f = Cachefiles::new(Arc::new(Core::new(cache, fetcher)));
+        // Larger than the 1 MiB pieces it is written in.
+        let index = tmp.path().join("index.erofs");
+        let bytes: Vec<u8> = (0..(5u32 << 19) + 123).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&index, &bytes).unwrap();
+        let fsid = f.served.primaries.claim("img", &index).unwrap();
+        fn key(name: &str) -> ObjectKey<'_> {
+            ObjectKey { domain: DOMAIN, name }
+        }
+        let o = f.served.open(&key(&fsid)).unwrap();
+        assert_eq!(o.size, bytes.len() as u64);
+        let mut sink = Collect::default();
+        f.served.fill(&o.object, 0..o.size, &mut sink).unwrap();
+        assert!(sink.0 == std::fs::read(&index).unwrap(), "the sink holds the index file");
+        // Neither another fsid nor an unregistered object is known.
+        assert!(matches!(f.served.open(&key("img.1")), Err(Errno::ENOENT)));
+        assert!(matches!(f.served.open(&key(&"ab".repeat(32))), Err(Errno::ENOENT)));
+        f.served.primaries.remove(&fsid);
+        assert!(matches!(f.served.open(&key(&fsid)), Err(Errno::ENOENT)));
+    }
+}

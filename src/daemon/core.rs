@@ -205,7 +205,7 @@ impl Core {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::Path;
     use std::time::Duration;
 
@@ -246,15 +246,16 @@ mod tests {
 
     /// A sink that collects what a fill writes.
     #[derive(Default)]
-    struct Collect(Vec<u8>);
+    pub(crate) struct Collect(pub(crate) Vec<u8>);
 
     impl FillSink for Collect {
         fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), Errno> {
-            let end = offset as usize + data.len();
+            let start = usize::try_from(offset).map_err(|_| Errno::EFBIG)?;
+            let end = start + data.len();
             if self.0.len() < end {
                 self.0.resize(end, 0);
             }
-            self.0[offset as usize..end].copy_from_slice(data);
+            self.0[start..end].copy_from_slice(data);
             Ok(())
         }
     }

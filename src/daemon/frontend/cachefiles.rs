@@ -320,6 +320,7 @@ impl Frontend for Cachefiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::core::tests::Collect;
 
     #[test]
     fn a_second_mount_of_an_image_gets_the_next_fsid() {
@@ -341,21 +342,6 @@ mod tests {
         let e = format!("{:#}", p.claim("img", &tmp.path().join("missing")).unwrap_err());
         assert!(e.contains("missing"), "{e}");
         assert_eq!(p.claim("img", &index).unwrap(), "img.3");
-    }
-
-    /// A sink that collects what a fill writes.
-    #[derive(Default)]
-    struct Collect(Vec<u8>);
-
-    impl FillSink for Collect {
-        fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), Errno> {
-            let end = offset as usize + data.len();
-            if self.0.len() < end {
-                self.0.resize(end, 0);
-            }
-            self.0[offset as usize..end].copy_from_slice(data);
-            Ok(())
-        }
     }
 
     #[test]

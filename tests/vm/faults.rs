@@ -38,7 +38,6 @@ fn python_fixture_with_sibling(port: &str) -> PythonFixture {
     fx
 }
 
-
 /// The object map of a pulled image (`STATE/images/<id>/objects.map`), by content digest.
 fn image_objects(d: &GuestDaemon, id: &str) -> HashMap<Digest, wisp::oci::objmap::ObjectEntry> {
     let bytes = std::fs::read(d.state.join("images").join(id).join("objects.map")).unwrap();

@@ -31,7 +31,6 @@ struct Fixture {
     device_tags: Vec<String>,
 }
 
-
 /// Three files of different sizes (one block, several blocks with a partial tail, tiny), written by
 /// wisp's EROFS writer with their data external.
 fn fixture() -> Fixture {

@@ -54,6 +54,12 @@ pub fn in_vm_env(name: &str, extra: &[(&str, String)]) -> bool {
     for (k, v) in extra {
         cmd.args(["--env", &format!("{k}={v}")]);
     }
+    // The checkout, this binary and wisp's: the guest sees them at the same paths, also when they are
+    // where it mounts its own file systems (a checkout under /tmp; the runner shares those separately).
+    let wisp = common::wisp_bin();
+    for dir in [Path::new(env!("CARGO_MANIFEST_DIR")), exe.parent().unwrap(), wisp.parent().unwrap()] {
+        cmd.arg("--share").arg(dir);
+    }
     cmd.args(["--env", "WISP_IN_VM=1", "--"]).arg(&exe).args(["--exact", name, "--nocapture", "--test-threads=1"]);
     let start = Instant::now();
     let out = cmd.output().unwrap_or_else(|e| panic!("running {}: {e}", runner.display()));

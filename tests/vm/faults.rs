@@ -17,12 +17,9 @@ use crate::harness::{in_vm_env, sha256, vm_tests_enabled, WAIT};
 /// (objects v1 already has are not uploaded again).
 fn python_fixture_with_sibling(port: &str) -> PythonFixture {
     let fx = PythonFixture::build(port, false);
-    let root = common::repo_root();
-    let registry =
-        |args: &[&str]| common::run(Command::new(root.join("scripts/registry")).args(args).args(["--port", port]));
-    registry(&["start", "--root", fx.dir.join("registry").to_str().unwrap()]);
-    let env = common::run(Command::new(root.join("scripts/corpus")).arg("env"));
-    let oci = env.lines().find_map(|l| l.strip_prefix("WISP_CORPUS_OCI=")).expect("WISP_CORPUS_OCI").to_owned();
+    let port: u16 = port.parse().unwrap();
+    common::registry::start(port, &fx.dir.join("registry"));
+    let oci = common::corpus_oci(&[]).display().to_string();
     let result = std::panic::catch_unwind(|| {
         common::run(Command::new(common::wisp_bin()).args([
             "convert",
@@ -31,7 +28,7 @@ fn python_fixture_with_sibling(port: &str) -> PythonFixture {
             "--plain-http",
         ]));
     });
-    registry(&["stop"]);
+    common::registry::stop(port);
     if let Err(e) = result {
         std::panic::resume_unwind(e);
     }

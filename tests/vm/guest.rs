@@ -6,6 +6,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common;
+pub use crate::common::chroot;
+use crate::common::registry;
+pub use crate::common::registry::blobs_served;
 use crate::harness::WAIT;
 
 /// Host side: the corpus's python v1 converted by `wisp convert` into a registry storage directory
@@ -21,14 +24,9 @@ impl PythonFixture {
         let dir = PathBuf::from(format!("/var/tmp/wisp-vm-cachefiles-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let root = common::repo_root();
-        let registry =
-            |args: &[&str]| common::run(Command::new(root.join("scripts/registry")).args(args).args(["--port", port]));
-        let _ = Command::new(root.join("scripts/registry")).args(["stop", "--port", port]).status();
-        registry(&["start", "--root", dir.join("registry").to_str().unwrap()]);
-        let env = common::run(Command::new(root.join("scripts/corpus")).arg("env"));
-        let oci = env.lines().find_map(|l| l.strip_prefix("WISP_CORPUS_OCI=")).expect("WISP_CORPUS_OCI").to_owned();
-        common::run(Command::new(root.join("scripts/corpus")).args(["build", "python"]));
+        let port: u16 = port.parse().unwrap();
+        registry::start(port, &dir.join("registry"));
+        let oci = common::corpus_oci(&["python"]).display().to_string();
         let result = std::panic::catch_unwind(|| {
             common::run(Command::new(common::wisp_bin()).args([
                 "convert",
@@ -45,7 +43,7 @@ impl PythonFixture {
                 );
             }
         });
-        registry(&["stop"]);
+        registry::stop(port);
         if let Err(e) = result {
             std::panic::resume_unwind(e);
         }
@@ -141,28 +139,8 @@ pub fn guest_registry(fixture: &Path) -> PathBuf {
     PathBuf::from("/tmp/wisp-registry/5000/registry.log")
 }
 
-/// Blob GETs the registry served since byte `offset` of its access log: (digest, bytes).
-pub fn blobs_served(log: &Path, offset: u64) -> Vec<(String, u64)> {
-    let bytes = std::fs::read(log).unwrap();
-    let text = String::from_utf8_lossy(&bytes[usize::try_from(offset).unwrap()..]).into_owned();
-    text.lines()
-        .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
-        .filter_map(|l| {
-            let digest = l.split("/blobs/").nth(1)?.split(' ').next()?.to_owned();
-            let after = l.split("HTTP/1.1\" ").nth(1)?;
-            let mut it = after.split(' ');
-            (it.next()? == "200").then_some(())?;
-            Some((digest, it.next()?.parse().ok()?))
-        })
-        .collect()
-}
-
 pub fn file_len(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
-}
-
-pub fn chroot(dir: &Path, cmd: &str) -> String {
-    common::run(Command::new("chroot").arg(dir).args(["sh", "-c", cmd]))
 }
 
 /// The guest's environment naming the host-side fixture (none when the VM tests do not run).

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::daemon::require_fanotify;
+use common::registry::{self, blobs_served, blobs_served_between, log_len};
 use common::{require, run, wisp_bin};
 
 /// The registry ports of the two tests (they run at the same time).
@@ -25,11 +27,7 @@ fn can_run() -> bool {
     if !require(common::is_root(), "needs root (containerd, mounts)") {
         return false;
     }
-    let ok = fscache::fanotify::Group::new().and_then(|g| {
-        fs::create_dir_all("/var/tmp").ok();
-        g.probe(Path::new("/var/tmp"))
-    });
-    if !require(ok.is_ok(), &format!("fanotify pre-content marks unavailable: {:?}", ok.err())) {
+    if !require_fanotify() {
         return false;
     }
     ["containerd", "ctr", "runc", "docker-registry", "setpriv"]
@@ -104,13 +102,9 @@ impl Node {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let root = common::repo_root();
-        let _ = Command::new(root.join("scripts/registry")).args(["stop", "--port", &port.to_string()]).status();
-        run(Command::new(root.join("scripts/registry"))
-            .args(["start", "--port", &port.to_string(), "--root"])
-            .arg(dir.join("registry")));
+        registry::start(port, &dir.join("registry"));
         let registry = format!("127.0.0.1:{port}");
-        let state_base = std::env::var("WISP_REGISTRY_STATE").unwrap_or_else(|_| "/tmp/wisp-registry".into());
-        let log = PathBuf::from(state_base).join(port.to_string()).join("registry.log");
+        let log = registry::log(port);
         let node = Node { dir, port, registry, containerd: None, snapshotter: None, daemon: None };
         run(Command::new(root.join("scripts/corpus")).args(["push", "--registry", &node.registry, "python"]));
         for tag in tags {
@@ -265,39 +259,11 @@ impl Drop for Node {
         if let Some(pid) = worker.filter(|p| ours(*p)) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
-        let _ = Command::new(common::repo_root().join("scripts/registry"))
-            .args(["stop", "--port", &self.port.to_string()])
-            .status();
+        registry::stop(self.port);
         if !std::thread::panicking() {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-/// Blob GETs the registry served since byte `offset` of its log: (digest, bytes).
-fn blobs_served(log: &Path, offset: u64) -> Vec<(String, u64)> {
-    blobs_served_between(log, offset, u64::MAX)
-}
-
-/// Blob GETs logged between two byte offsets of the registry's log.
-fn blobs_served_between(log: &Path, from: u64, to: u64) -> Vec<(String, u64)> {
-    let bytes = fs::read(log).unwrap();
-    let to = (to.min(bytes.len() as u64)) as usize;
-    let text = String::from_utf8_lossy(&bytes[from as usize..to]);
-    text.lines()
-        .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
-        .filter_map(|l| {
-            let digest = l.split("/blobs/").nth(1)?.split(' ').next()?.to_owned();
-            let after = l.split("HTTP/1.1\" ").nth(1)?;
-            let mut it = after.split(' ');
-            (it.next()? == "200").then_some(())?;
-            Some((digest, it.next()?.parse().ok()?))
-        })
-        .collect()
-}
-
-fn log_len(log: &Path) -> u64 {
-    fs::metadata(log).unwrap().len()
 }
 
 /// The object map of a wisp layer as containerd unpacked it into the snapshotter: (content hex, blob
@@ -501,11 +467,7 @@ fn containerd_runs_wisp_images_lazily() {
 
 /// Runs `cmd args` as the unprivileged user nobody (uid and gid 65534, no supplementary groups).
 fn as_nobody(cmd: &str, args: &[&OsStr]) -> Output {
-    Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", cmd])
-        .args(args)
-        .output()
-        .unwrap()
+    common::as_nobody().args(["--", cmd]).args(args).output().unwrap()
 }
 
 /// An uncompressed layer holding `entries` (path, symlink target or file bytes); returns (tar, digest).

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{compare_trees, have, is_root, repo_root, require, run, wisp_bin, CompareOptions};
+use common::{compare_trees, corpus_oci, have, is_root, repo_root, require, run, wisp_bin, CompareOptions};
 
 const FAMILIES: &[(&str, &[&str])] = &[("debian", &["a", "b"]), ("python", &["v1", "v2"]), ("node", &["v1", "v2"])];
 
@@ -25,13 +25,6 @@ fn ready(what: &str, tools: &[&str]) -> bool {
 /// KEY=VALUE lines of a script's `env` output.
 fn env_lines(out: &str) -> BTreeMap<String, String> {
     out.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
-}
-
-/// The corpus's OCI layouts directory, building the families if needed.
-fn corpus(families: &[&str]) -> PathBuf {
-    run(Command::new(repo_root().join("scripts/corpus")).arg("build").args(families));
-    let env = env_lines(&run(Command::new(repo_root().join("scripts/corpus")).arg("env")));
-    PathBuf::from(&env["WISP_CORPUS_OCI"])
 }
 
 fn wisp(args: &[&str]) -> String {
@@ -134,7 +127,7 @@ fn corpus_oci_to_dir_store_equals_umoci() {
     if !ready("corpus", &["skopeo", "umoci", "debootstrap"]) {
         return;
     }
-    let oci = corpus(&["debian", "python", "node"]);
+    let oci = corpus_oci(&["debian", "python", "node"]);
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let store = t.join("store");
@@ -162,7 +155,7 @@ fn docker_archive_source_equals_oci_source() {
     if !ready("docker-archive", &["skopeo", "umoci", "debootstrap"]) {
         return;
     }
-    let oci = corpus(&["python"]);
+    let oci = corpus_oci(&["python"]);
     let env = env_lines(&run(Command::new(repo_root().join("scripts/corpus")).arg("env")));
     let archive = PathBuf::from(&env["WISP_CORPUS_ARCHIVE"]);
     let tmp = tempfile::tempdir().unwrap();
@@ -219,7 +212,7 @@ fn registry_to_registry_survives_gc_and_skopeo_copy_all() {
     if !ready("registry", &["skopeo", "umoci", "debootstrap", "docker-registry", "python3"]) {
         return;
     }
-    let oci = corpus(&["debian", "python", "node", "edge"]);
+    let oci = corpus_oci(&["debian", "python", "node", "edge"]);
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let reg = Registry::start(5077, &t.join("registry"));

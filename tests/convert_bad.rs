@@ -8,12 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{require, wisp_bin};
-use sha2::{Digest as _, Sha256};
-
-fn sha(b: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(b)))
-}
+use common::{oci_digest, require, wisp_bin};
 
 fn octal(field: &mut [u8], v: u64) {
     let s = format!("{:0w$o}\0", v, w = field.len() - 1);
@@ -92,7 +87,7 @@ fn layout(dir: &Path, blobs: &[Vec<u8>]) -> Vec<String> {
     std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
     std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let put = |b: &[u8]| {
-        let d = sha(b);
+        let d = oci_digest(b);
         std::fs::write(dir.join("blobs/sha256").join(&d[7..]), b).unwrap();
         d
     };

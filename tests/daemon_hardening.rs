@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{require, run, wisp_bin};
-use sha2::{Digest as _, Sha256};
+use common::daemon::{require_fanotify, Daemon};
+use common::{oci_digest, require, run, wisp_bin};
 
 /// Files of the test image: (name, size); each is big enough to be an object of its own.
 const FILES: usize = 48;
@@ -79,17 +79,9 @@ fn can_run() -> bool {
     if !require(common::is_root(), "needs root (fanotify pre-content, mounts)") {
         return false;
     }
-    let ok = fscache::fanotify::Group::new().and_then(|g| {
-        fs::create_dir_all("/var/tmp").ok();
-        g.probe(Path::new("/var/tmp"))
-    });
-    require(ok.is_ok(), &format!("fanotify pre-content marks unavailable: {:?}", ok.err()))
+    require_fanotify()
         && require(common::have("setpriv") && common::have("choom"), "setpriv and choom (util-linux) are needed")
         && require(Path::new("/usr/bin/python3").exists() && common::have("tar"), "/usr/bin/python3 and tar are needed")
-}
-
-fn sha(b: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(b)))
 }
 
 /// Writes an OCI layout at `dir` whose image `t` has the gzip layer of the tar `tar`.
@@ -100,13 +92,13 @@ fn oci_layout(dir: &Path, tar: &[u8]) {
     fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
     fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let put = |b: &[u8]| {
-        let d = sha(b);
+        let d = oci_digest(b);
         fs::write(dir.join("blobs/sha256").join(&d[7..]), b).unwrap();
         d
     };
     let ld = put(&layer);
     let config = serde_json::to_vec(&serde_json::json!({"architecture": "amd64", "os": "linux", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [sha(tar)]}}))
+        "rootfs": {"type": "layers", "diff_ids": [oci_digest(tar)]}}))
     .unwrap();
     let cd = put(&config);
     let manifest = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2,
@@ -148,59 +140,24 @@ fn image() -> Option<&'static Image> {
         .as_ref()
 }
 
-/// A running `wisp daemon`; stopped (after unmounting what is left) on drop.
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
-    state: PathBuf,
-    mounts: Vec<PathBuf>,
+/// `bin daemon` in a fresh `dir` (removed on drop unless the test failed), started through `sh -c
+/// PRELUDE; exec ...` (e.g. a umask, or choom); returns once a worker answers `status`.
+fn start_daemon(dir: &Path, bin: &Path, prelude: &str) -> Daemon {
+    let _ = fs::remove_dir_all(dir);
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!("{prelude}\nexec \"$@\"")).arg("sh").arg(bin);
+    let mut d = Daemon::launch(dir, cmd);
+    d.remove_dir = true;
+    d.wait_worker(None);
+    d
 }
 
 impl Daemon {
-    /// Starts `bin daemon` through `sh -c PRELUDE; exec ...` (e.g. a umask, or choom).
-    fn start(dir: &Path, bin: &Path, prelude: &str) -> Daemon {
-        let _ = fs::remove_dir_all(dir);
-        fs::create_dir_all(dir).unwrap();
-        let state = dir.join("state");
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(format!("{prelude}\nexec \"$@\""))
-            .arg("sh")
-            .arg(bin)
-            .args(["daemon", "--cache"])
-            .arg(dir.join("cache"))
-            .arg("--state")
-            .arg(&state)
-            .env("WISP_LOG", "info")
-            .stderr(fs::File::create(dir.join("daemon.log")).unwrap())
-            .stdout(Stdio::null());
-        let child = cmd.spawn().unwrap();
-        let d = Daemon { child, dir: dir.to_owned(), state, mounts: Vec::new() };
-        d.wait_worker(None);
-        d
-    }
-
-    fn sock(&self) -> PathBuf {
-        self.state.join("control.sock")
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
-    }
-
-    fn status(&self) -> anyhow::Result<serde_json::Value> {
-        wisp::daemon::protocol::call(
-            &self.sock(),
-            &wisp::daemon::protocol::Request::Status,
-            Some(Duration::from_secs(5)),
-        )
-    }
-
     /// Waits until a worker other than `old` answers `status`; returns the status.
     fn wait_worker(&self, old: Option<i64>) -> serde_json::Value {
         let t = Instant::now();
         loop {
-            if let Ok(st) = self.status() {
+            if let Ok(st) = self.try_status(Duration::from_secs(5)) {
                 if st["worker_pid"].as_i64() != old {
                     return st;
                 }
@@ -220,40 +177,10 @@ impl Daemon {
         c
     }
 
-    fn mount(&mut self, img: &Image, dir: &Path) {
-        fs::create_dir_all(dir).unwrap();
-        run(&mut self.mount_cmd(img, dir));
-        self.mounts.push(dir.to_owned());
-    }
-
     fn kill9_worker(&self) -> i64 {
-        let pid = self.status().unwrap()["worker_pid"].as_i64().unwrap();
+        let pid = self.status()["worker_pid"].as_i64().unwrap();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
         pid
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        for m in self.mounts.clone() {
-            let _ = Command::new(wisp_bin()).arg("umount").arg(&m).arg("--state").arg(&self.state).status();
-        }
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                if !std::thread::panicking() {
-                    let _ = fs::remove_dir_all(&self.dir);
-                }
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -319,13 +246,7 @@ print("answer", s.makefile().readline().strip())
 "#;
 
 fn as_nobody(extra: &[&str], sock: &Path) -> String {
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .args(extra)
-        .args(["/usr/bin/python3", "-c", PY_CLIENT])
-        .arg(sock)
-        .output()
-        .unwrap();
+    let out = common::as_nobody().args(extra).args(["/usr/bin/python3", "-c", PY_CLIENT]).arg(sock).output().unwrap();
     assert!(out.status.success(), "client as nobody failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
@@ -347,7 +268,7 @@ fn control_socket_is_root_only_bounded_and_timed() {
     let _finish = Finish;
     let Some(img) = image() else { return };
     // umask 0: the socket's mode must not depend on the umask the daemon inherits.
-    let d = Daemon::start(&img.tmp.join("t-socket"), &wisp_bin(), "umask 000");
+    let d = start_daemon(&img.tmp.join("t-socket"), &wisp_bin(), "umask 000");
     let sock = d.sock();
     let mode = fs::metadata(&sock).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode, 0o600, "control socket mode {mode:o}");
@@ -363,7 +284,7 @@ fn control_socket_is_root_only_bounded_and_timed() {
 
     // A 1 MiB request line: a clear error, and the daemon stops reading (the rest of the line is
     // never taken, so the write fails or the answer comes first).
-    let worker = d.status().unwrap()["worker_pid"].as_i64().unwrap();
+    let worker = d.status()["worker_pid"].as_i64().unwrap();
     let mut line = vec![b'x'; 1 << 20];
     line.push(b'\n');
     let (_, answer) = raw_request(&sock, &line);
@@ -386,7 +307,7 @@ fn control_socket_is_root_only_bounded_and_timed() {
     assert_eq!((&s).read_to_end(&mut rest).unwrap_or(0), 0, "connection not closed");
 
     // Still serving root.
-    assert_eq!(d.status().unwrap()["worker_pid"].as_i64(), Some(worker));
+    assert_eq!(d.status()["worker_pid"].as_i64(), Some(worker));
 }
 
 #[test]
@@ -401,11 +322,11 @@ fn worker_respawns_from_its_own_binary_after_an_upgrade_in_place() {
     // As under the systemd unit, the supervisor at -999, if this process may lower a score
     // (CAP_SYS_RESOURCE); else at 300, which its workers must keep (never below the supervisor).
     let (sup_adj, worker_adj) = if has_cap_sys_resource() { ("-999", "-500") } else { ("300", "300") };
-    let mut d = Daemon::start(&dir, &bin, &format!("choom -n {sup_adj} -p $$ >/dev/null"));
+    let mut d = start_daemon(&dir, &bin, &format!("choom -n {sup_adj} -p $$ >/dev/null"));
     let mnt = dir.join("mnt");
-    d.mount(img, &mnt);
+    d.mount(&img.index, &mnt, &["--store", &img.store]);
     let sup = d.child.id();
-    let old = d.status().unwrap()["worker_pid"].as_i64().unwrap();
+    let old = d.status()["worker_pid"].as_i64().unwrap();
     let adj = |pid: i64| fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap().trim().to_owned();
     assert_eq!(adj(i64::from(sup)), sup_adj);
     assert_eq!(adj(old), worker_adj, "worker's oom_score_adj");
@@ -437,9 +358,9 @@ fn worker_respawns_from_its_own_binary_after_an_upgrade_in_place() {
 fn a_broken_mount_record_is_skipped_and_the_others_restored() {
     let _finish = Finish;
     let Some(img) = image() else { return };
-    let mut d = Daemon::start(&img.tmp.join("t-restore"), &wisp_bin(), "");
+    let mut d = start_daemon(&img.tmp.join("t-restore"), &wisp_bin(), "");
     let mnt = d.dir.join("mnt");
-    d.mount(img, &mnt);
+    d.mount(&img.index, &mnt, &["--store", &img.store]);
     let bad_dir = d.state.join("mounts").join("00badbadbadbad00");
     fs::create_dir_all(&bad_dir).unwrap();
     fs::write(bad_dir.join("record.json"), b"{\"id\": \"00badbadbadbad00\", garbage").unwrap();
@@ -466,7 +387,7 @@ fn a_broken_mount_record_is_skipped_and_the_others_restored() {
 fn concurrent_mounts_of_one_directory_exactly_one_wins() {
     let _finish = Finish;
     let Some(img) = image() else { return };
-    let mut d = Daemon::start(&img.tmp.join("t-race"), &wisp_bin(), "");
+    let mut d = start_daemon(&img.tmp.join("t-race"), &wisp_bin(), "");
     let mnt = d.dir.join("mnt");
     fs::create_dir_all(&mnt).unwrap();
     const N: usize = 6;
@@ -482,7 +403,7 @@ fn concurrent_mounts_of_one_directory_exactly_one_wins() {
     assert_eq!(ok, 1, "{ok} of {N} concurrent mounts succeeded; errors: {errors:?}");
     assert!(errors.iter().all(|e| e.contains("already mounted")), "{errors:?}");
     assert_eq!(overlays_at(&mnt), 1, "overlay mounts at {}", mnt.display());
-    let st = d.status().unwrap();
+    let st = d.status();
     assert_eq!(st["mounts"].as_array().unwrap().len(), 1, "{st}");
     let bad = check_files(&mnt, 0..FILES);
     assert!(bad.is_empty(), "{bad:?}");

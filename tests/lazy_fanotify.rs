@@ -10,11 +10,13 @@ use std::collections::HashSet;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{compare_trees, require, run, wisp_bin, CompareOptions};
+use common::daemon::{require_fanotify, Daemon};
+use common::registry::{self, blobs_served, log_len};
+use common::{chroot, compare_trees, require, run, wisp_bin, CompareOptions};
 
 const PORT: u16 = 5093;
 
@@ -37,9 +39,7 @@ impl Drop for Finish {
         }
         if FINISHED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == TESTS {
             if let Some(Some(fx)) = FIXTURE.get() {
-                let _ = Command::new(common::repo_root().join("scripts/registry"))
-                    .args(["stop", "--port", &PORT.to_string()])
-                    .status();
+                registry::stop(PORT);
                 if !FAILED.load(std::sync::atomic::Ordering::SeqCst) {
                     let _ = fs::remove_dir_all(&fx.tmp);
                 }
@@ -61,11 +61,7 @@ fn can_run() -> bool {
     if !require(common::is_root(), "needs root (fanotify pre-content, mounts)") {
         return false;
     }
-    let ok = fscache::fanotify::Group::new().and_then(|g| {
-        fs::create_dir_all("/var/tmp").ok();
-        g.probe(Path::new("/var/tmp"))
-    });
-    require(ok.is_ok(), &format!("fanotify pre-content marks unavailable: {:?}", ok.err()))
+    require_fanotify()
         && require(Path::new("/usr/bin/docker-registry").exists(), "docker-registry is not installed (scripts/setup)")
 }
 
@@ -79,14 +75,10 @@ fn fixture() -> Option<&'static Fixture> {
             let _ = fs::remove_dir_all(&tmp);
             fs::create_dir_all(&tmp).unwrap();
             let root = common::repo_root();
-            let _ = Command::new(root.join("scripts/registry")).args(["stop", "--port", &PORT.to_string()]).status();
-            run(Command::new(root.join("scripts/registry"))
-                .args(["start", "--port", &PORT.to_string(), "--root"])
-                .arg(tmp.join("registry")));
+            registry::start(PORT, &tmp.join("registry"));
             let registry = format!("127.0.0.1:{PORT}");
             run(Command::new(root.join("scripts/corpus")).args(["push", "--registry", &registry, "python"]));
-            let state_base = std::env::var("WISP_REGISTRY_STATE").unwrap_or_else(|_| "/tmp/wisp-registry".into());
-            let log = PathBuf::from(state_base).join(PORT.to_string()).join("registry.log");
+            let log = registry::log(PORT);
             for tag in ["v1", "v2"] {
                 run(Command::new(wisp_bin()).args([
                     "convert",
@@ -108,120 +100,10 @@ fn fixture() -> Option<&'static Fixture> {
         .as_ref()
 }
 
-/// A running `wisp daemon`; stopped (after unmounting what is left) on drop.
-struct Daemon {
-    child: Child,
-    state: PathBuf,
-    cache: PathBuf,
-    mounts: Vec<PathBuf>,
-}
-
-impl Daemon {
-    fn start(dir: &Path, env: &[(&str, &str)]) -> Daemon {
-        let (state, cache) = (dir.join("state"), dir.join("cache"));
-        let mut cmd = Command::new(wisp_bin());
-        cmd.args(["daemon", "--cache"]).arg(&cache).arg("--state").arg(&state).env("WISP_LOG", "info");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        fs::create_dir_all(dir).unwrap();
-        cmd.stderr(fs::File::create(dir.join("daemon.log")).unwrap()).stdout(Stdio::null());
-        let child = cmd.spawn().unwrap();
-        let d = Daemon { child, state, cache, mounts: Vec::new() };
-        let sock = d.state.join("control.sock");
-        let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "daemon did not start; see {}",
-                dir.join("daemon.log").display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn wisp(&self, args: &[&str]) -> String {
-        run(Command::new(wisp_bin()).args(args).arg("--state").arg(&self.state))
-    }
-
-    fn mount(&mut self, image: &str, dir: &Path, upper: &Path, work: &Path) {
-        for d in [dir, upper, work] {
-            fs::create_dir_all(d).unwrap();
-        }
-        run(Command::new(wisp_bin())
-            .args(["mount", image])
-            .arg(dir)
-            .arg("--upper")
-            .arg(upper)
-            .arg("--work")
-            .arg(work)
-            .args(["--plain-http", "--state"])
-            .arg(&self.state));
-        self.mounts.push(dir.to_owned());
-    }
-
-    fn umount(&mut self, dir: &Path) {
-        run(Command::new(wisp_bin()).arg("umount").arg(dir).arg("--state").arg(&self.state));
-        self.mounts.retain(|m| m != dir);
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let sock = self.state.join("control.sock");
-        wisp::daemon::protocol::call(&sock, &wisp::daemon::protocol::Request::Status, Some(Duration::from_secs(30)))
-            .unwrap()
-    }
-
-    fn stats(&self) -> serde_json::Value {
-        serde_json::from_str(&self.wisp(&["stats", "--json"])).unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        for m in self.mounts.clone() {
-            let _ = Command::new(wisp_bin()).arg("umount").arg(&m).arg("--state").arg(&self.state).status();
-        }
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Blob GETs the registry served since byte `offset` of its log: (digest, bytes).
-fn blobs_served(log: &Path, offset: u64) -> Vec<(String, u64)> {
-    let bytes = fs::read(log).unwrap();
-    let text = String::from_utf8_lossy(&bytes[offset as usize..]);
-    text.lines()
-        .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
-        .filter_map(|l| {
-            let digest = l.split("/blobs/").nth(1)?.split(' ').next()?.to_owned();
-            let after = l.split("HTTP/1.1\" ").nth(1)?;
-            let mut it = after.split(' ');
-            (it.next()? == "200").then_some(())?;
-            Some((digest, it.next()?.parse().ok()?))
-        })
-        .collect()
-}
-
 /// `GET /v2/` auth probes the registry answered since byte `offset` of its log.
 fn auth_probes(log: &Path, offset: u64) -> usize {
     let bytes = fs::read(log).unwrap();
     String::from_utf8_lossy(&bytes[offset as usize..]).lines().filter(|l| l.contains("\"GET /v2/ HTTP/")).count()
-}
-
-fn log_len(log: &Path) -> u64 {
-    fs::metadata(log).unwrap().len()
 }
 
 /// The object map of an image the daemon pulled: content digest -> blob digest (as served).
@@ -229,10 +111,6 @@ fn object_blobs(state: &Path, image_id: &str) -> Vec<(String, String)> {
     let map =
         wisp::oci::objmap::decode(&fs::read(state.join("images").join(image_id).join("objects.map")).unwrap()).unwrap();
     map.iter().map(|e| (hex::encode(e.digest), e.blob_digest())).collect()
-}
-
-fn chroot(dir: &Path, cmd: &str) -> String {
-    run(Command::new("chroot").arg(dir).args(["sh", "-c", cmd]))
 }
 
 /// Every regular file below `root`, relative.
@@ -274,7 +152,7 @@ fn lazy_python_start_sibling_and_full_tree() {
     // Cold start: mount, run the startup workload, count what the registry served.
     let off = log_len(&fx.log);
     let t = Instant::now();
-    d.mount(&fx.v1, &mnt, &upper, &work);
+    d.mount_overlay(&fx.v1, &mnt, &upper, &work, &["--plain-http"]);
     let out = chroot(&mnt, "python3 -c 'import json, email; print(1)'");
     let startup = t.elapsed();
     assert_eq!(out, "1\n");
@@ -331,7 +209,7 @@ fn lazy_python_start_sibling_and_full_tree() {
     // The sibling image fetches only objects v1 does not have.
     let (mnt2, upper2, work2) = (dir.join("mnt2"), dir.join("upper2"), dir.join("work2"));
     let off = log_len(&fx.log);
-    d.mount(&fx.v2, &mnt2, &upper2, &work2);
+    d.mount_overlay(&fx.v2, &mnt2, &upper2, &work2, &["--plain-http"]);
     let mut bad = Vec::new();
     for f in files(&mnt2) {
         if let Err(e) = read_all(&mnt2.join(&f)) {
@@ -370,7 +248,7 @@ fn lazy_python_start_sibling_and_full_tree() {
     // the manifest, to learn the index's digest).
     let (mnt3, upper3, work3) = (dir.join("mnt3"), dir.join("upper3"), dir.join("work3"));
     let off = log_len(&fx.log);
-    d.mount(&fx.v1, &mnt3, &upper3, &work3);
+    d.mount_overlay(&fx.v1, &mnt3, &upper3, &work3, &["--plain-http"]);
     assert_eq!(chroot(&mnt3, "python3 -c 'import json, email; print(1)'"), "1\n");
     let served = blobs_served(&fx.log, off);
     assert!(served.is_empty(), "a warm start fetched blobs: {served:?}");
@@ -389,10 +267,7 @@ fn tampered_object_reads_eio_never_wrong_bytes() {
     // Objects in a dir: store, where they can be tampered with; the index in an OCI layout.
     let store = dir.join("store");
     let index = format!("oci:{}:v1", dir.join("index").display());
-    let root = common::repo_root();
-    run(Command::new(root.join("scripts/corpus")).args(["build", "edge"]));
-    let env = run(Command::new(root.join("scripts/corpus")).arg("env"));
-    let oci = env.lines().find_map(|l| l.strip_prefix("WISP_CORPUS_OCI=")).expect("WISP_CORPUS_OCI").to_owned();
+    let oci = common::corpus_oci(&["edge"]).display().to_string();
     run(Command::new(wisp_bin())
         .args(["convert", &format!("oci:{oci}/edge:1"), &index, "--json"])
         .arg("--store")
@@ -450,7 +325,7 @@ fn worker_kill9_during_cold_walk_never_reads_zeros() {
     // Slow every download down so that many events are in flight when the worker dies.
     let mut d = Daemon::start(&dir, &[("WISP_TEST_FETCH_DELAY_MS", "40")]);
     let (mnt, upper, work) = (dir.join("mnt"), dir.join("upper"), dir.join("work"));
-    d.mount(&fx.v1, &mnt, &upper, &work);
+    d.mount_overlay(&fx.v1, &mnt, &upper, &work, &["--plain-http"]);
     let old_pid = d.status()["worker_pid"].as_i64().unwrap();
 
     // Four readers walk disjoint quarters of the tree, comparing every file with the oracle.

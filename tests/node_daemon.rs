@@ -14,11 +14,11 @@ mod common;
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
 
-use common::{have, is_root, repo_root, require, run, wisp_bin};
+use common::daemon::{require_fanotify, Daemon};
+use common::{corpus_oci, have, is_root, require, run, wisp_bin};
 
 const MOUNTS: usize = 32;
 
@@ -29,63 +29,7 @@ fn can_run() -> bool {
     if !require(is_root(), "needs root (mounts, fanotify)") {
         return false;
     }
-    let ok = fscache::fanotify::Group::new().and_then(|g| {
-        fs::create_dir_all("/var/tmp").ok();
-        g.probe(Path::new("/var/tmp"))
-    });
-    require(ok.is_ok(), &format!("fanotify pre-content marks unavailable: {:?}", ok.err()))
-        && ["skopeo", "umoci"].iter().all(|t| require(have(t), &format!("needs {t} (scripts/setup)")))
-}
-
-/// The corpus's OCI layouts (building the python family when missing).
-fn corpus_oci() -> PathBuf {
-    run(Command::new(repo_root().join("scripts/corpus")).args(["build", "python"]));
-    let env = run(Command::new(repo_root().join("scripts/corpus")).arg("env"));
-    PathBuf::from(env.lines().find_map(|l| l.strip_prefix("WISP_CORPUS_OCI=")).expect("WISP_CORPUS_OCI"))
-}
-
-/// A running `wisp daemon`; stopped on drop after unmounting what is left.
-struct Daemon {
-    child: Child,
-    state: PathBuf,
-    mounts: Vec<PathBuf>,
-}
-
-impl Daemon {
-    fn start(dir: &Path) -> Daemon {
-        let state = dir.join("state");
-        let mut cmd = Command::new(wisp_bin());
-        cmd.args(["daemon", "--cache"]).arg(dir.join("cache")).arg("--state").arg(&state).env("WISP_LOG", "info");
-        cmd.stderr(fs::File::create(dir.join("daemon.log")).unwrap()).stdout(Stdio::null());
-        let d = Daemon { child: cmd.spawn().unwrap(), state, mounts: Vec::new() };
-        let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(d.state.join("control.sock")).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(30), "daemon did not start; see {}/daemon.log", dir.display());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        for m in &self.mounts {
-            let _ = Command::new(wisp_bin()).arg("umount").arg(m).arg("--state").arg(&self.state).status();
-        }
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    require_fanotify() && ["skopeo", "umoci"].iter().all(|t| require(have(t), &format!("needs {t} (scripts/setup)")))
 }
 
 #[test]
@@ -96,7 +40,7 @@ fn many_mounts_of_one_image_at_once_on_an_empty_cache() {
     let tmp = PathBuf::from(format!("/var/tmp/wisp-concurrent-test-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).unwrap();
-    let oci = corpus_oci();
+    let oci = corpus_oci(&["python"]);
     let src = format!("oci:{}:v1", oci.join("python").display());
     let index = format!("oci:{}:v1", tmp.join("index").display());
     let store = format!("dir:{}", tmp.join("store").display());
@@ -111,7 +55,7 @@ fn many_mounts_of_one_image_at_once_on_an_empty_cache() {
     let oracle: HashMap<&str, Vec<u8>> =
         READS.iter().map(|r| (*r, fs::read(bundle.join("rootfs").join(r)).unwrap())).collect();
 
-    let mut d = Daemon::start(&tmp);
+    let mut d = Daemon::start(&tmp, &[]);
     let dirs: Vec<PathBuf> = (0..MOUNTS).map(|i| tmp.join(format!("mnt{i}"))).collect();
     let results: Vec<(PathBuf, std::process::Output)> = std::thread::scope(|s| {
         let handles: Vec<_> = dirs
@@ -195,10 +139,7 @@ fn many_mounts_of_one_image_at_once_on_an_empty_cache() {
 
 /// `cmd` run as `nobody` (uid and gid 65534, no supplementary groups).
 fn as_nobody(cmd: &str) -> std::process::Output {
-    Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", cmd])
-        .output()
-        .unwrap()
+    common::as_nobody().args(["sh", "-c", cmd]).output().unwrap()
 }
 
 /// Issue 16: the state and cache roots were created with the umask (0755), so any local user could
@@ -216,7 +157,7 @@ fn state_and_cache_are_root_only() {
     // The test's own scratch directory is open to nobody; only wisp's roots may close paths.
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
-    let oci = corpus_oci();
+    let oci = corpus_oci(&["python"]);
     let src = format!("oci:{}:v1", oci.join("python").display());
     let index = format!("oci:{}:v1", tmp.join("index").display());
     let store = format!("dir:{}", tmp.join("store").display());
@@ -226,11 +167,9 @@ fn state_and_cache_are_root_only() {
         fs::create_dir_all(tmp.join(d)).unwrap();
         fs::set_permissions(tmp.join(d), fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let mut d = Daemon::start(&tmp);
+    let mut d = Daemon::start(&tmp, &[]);
     let mnt = tmp.join("mnt");
-    fs::create_dir_all(&mnt).unwrap();
-    run(Command::new(wisp_bin()).args(["mount", &index]).arg(&mnt).args(["--store", &store, "--state"]).arg(&d.state));
-    d.mounts.push(mnt.clone());
+    d.mount(&index, &mnt, &["--store", &store]);
     // Fill one object so that the cache holds a complete one.
     assert!(!fs::read(mnt.join("usr/bin/passwd")).unwrap().is_empty());
 

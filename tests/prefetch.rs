@@ -9,10 +9,12 @@ mod common;
 use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{require, run, wisp_bin};
+use common::daemon::{require_fanotify, Daemon};
+use common::registry::{self, blobs_served, log_len};
+use common::{chroot, require, run, wisp_bin};
 
 const PORT: u16 = 5140;
 const WORKLOAD: &str = "python3 -c 'import json, email; print(1)'";
@@ -21,11 +23,7 @@ fn can_run() -> bool {
     if !require(common::is_root(), "needs root (fanotify pre-content, mounts)") {
         return false;
     }
-    let ok = fscache::fanotify::Group::new().and_then(|g| {
-        fs::create_dir_all("/var/tmp").ok();
-        g.probe(Path::new("/var/tmp"))
-    });
-    require(ok.is_ok(), &format!("fanotify pre-content marks unavailable: {:?}", ok.err()))
+    require_fanotify()
         && require(Path::new("/usr/bin/docker-registry").exists(), "docker-registry is not installed (scripts/setup)")
 }
 
@@ -37,113 +35,25 @@ struct Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = Command::new(common::repo_root().join("scripts/registry"))
-            .args(["stop", "--port", &PORT.to_string()])
-            .status();
+        registry::stop(PORT);
         if !std::thread::panicking() {
             let _ = fs::remove_dir_all(&self.tmp);
         }
     }
 }
 
-/// A running `wisp daemon`; stopped (after unmounting what is left) on drop.
-struct Daemon {
-    child: Child,
-    state: PathBuf,
-    mounts: Vec<PathBuf>,
-}
-
 impl Daemon {
-    fn start(dir: &Path, env: &[(&str, &str)]) -> Daemon {
-        let state = dir.join("state");
-        let mut cmd = Command::new(wisp_bin());
-        cmd.args(["daemon", "--cache"]).arg(dir.join("cache")).arg("--state").arg(&state).env("WISP_LOG", "info");
-        cmd.envs(env.iter().copied());
-        fs::create_dir_all(dir).unwrap();
-        cmd.stderr(fs::File::create(dir.join("daemon.log")).unwrap()).stdout(Stdio::null());
-        let d = Daemon { child: cmd.spawn().unwrap(), state, mounts: Vec::new() };
-        let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(d.state.join("control.sock")).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(30), "daemon did not start; see {}", dir.display());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn wisp(&self, args: &[&str]) -> String {
-        run(Command::new(wisp_bin()).args(args).arg("--state").arg(&self.state))
-    }
-
-    fn mount(&mut self, image: &str, dir: &Path) {
-        fs::create_dir_all(dir).unwrap();
-        run(Command::new(wisp_bin())
-            .args(["mount", image])
-            .arg(dir)
-            .args(["--plain-http", "--state"])
-            .arg(&self.state));
-        self.mounts.push(dir.to_owned());
-    }
-
-    fn umount(&mut self, dir: &Path) {
-        run(Command::new(wisp_bin()).arg("umount").arg(dir).arg("--state").arg(&self.state));
-        self.mounts.retain(|m| m != dir);
-    }
-
     fn image(&self) -> serde_json::Value {
-        let v: serde_json::Value = serde_json::from_str(&self.wisp(&["stats", "--json"])).unwrap();
-        v["images"][0].clone()
+        self.stats()["images"][0].clone()
     }
 
     /// Object blob digests of the one mounted image (from the object map the daemon pulled).
     fn object_blobs(&self) -> HashSet<String> {
-        let sock = self.state.join("control.sock");
-        let st = wisp::daemon::protocol::call(&sock, &wisp::daemon::protocol::Request::Status, None).unwrap();
+        let st = wisp::daemon::protocol::call(&self.sock(), &wisp::daemon::protocol::Request::Status, None).unwrap();
         let id = st["mounts"][0]["image"].as_str().unwrap().to_owned();
         let map = fs::read(self.state.join("images").join(id).join("objects.map")).unwrap();
         wisp::oci::objmap::decode(&map).unwrap().iter().map(|e| e.blob_digest()).collect()
     }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        for m in self.mounts.clone() {
-            let _ = Command::new(wisp_bin()).arg("umount").arg(&m).arg("--state").arg(&self.state).status();
-        }
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Blob GETs the registry served since byte `offset` of its log: (digest, bytes).
-fn blobs_served(log: &Path, offset: u64) -> Vec<(String, u64)> {
-    let bytes = fs::read(log).unwrap();
-    String::from_utf8_lossy(&bytes[offset as usize..])
-        .lines()
-        .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
-        .filter_map(|l| {
-            let digest = l.split("/blobs/").nth(1)?.split(' ').next()?.to_owned();
-            let mut it = l.split("HTTP/1.1\" ").nth(1)?.split(' ');
-            (it.next()? == "200").then_some(())?;
-            Some((digest, it.next()?.parse().ok()?))
-        })
-        .collect()
-}
-
-fn log_len(log: &Path) -> u64 {
-    fs::metadata(log).unwrap().len()
-}
-
-fn chroot(dir: &Path, cmd: &str) -> String {
-    run(Command::new("chroot").arg(dir).args(["sh", "-c", cmd]))
 }
 
 /// Polls the one mounted image's stats until its prefetch has finished (no reader runs meanwhile).
@@ -169,13 +79,9 @@ fn recorded_list_is_shipped_and_prefetched_before_any_read() {
     fs::create_dir_all(&tmp).unwrap();
     let scratch = Scratch { tmp: tmp.clone() };
     let root = common::repo_root();
-    let _ = Command::new(root.join("scripts/registry")).args(["stop", "--port", &PORT.to_string()]).status();
-    run(Command::new(root.join("scripts/registry"))
-        .args(["start", "--port", &PORT.to_string(), "--root"])
-        .arg(tmp.join("registry")));
+    registry::start(PORT, &tmp.join("registry"));
     let registry = format!("127.0.0.1:{PORT}");
-    let state_base = std::env::var("WISP_REGISTRY_STATE").unwrap_or_else(|_| "/tmp/wisp-registry".into());
-    let log = PathBuf::from(state_base).join(PORT.to_string()).join("registry.log");
+    let log = registry::log(PORT);
     run(Command::new(root.join("scripts/corpus")).args(["push", "--registry", &registry, "python"]));
     let src = format!("docker://{registry}/python:v1");
     let plain = format!("docker://{registry}/wisp/python:v1");
@@ -187,7 +93,7 @@ fn recorded_list_is_shipped_and_prefetched_before_any_read() {
     let list = {
         let mut d = Daemon::start(&tmp.join("profile"), &[]);
         let mnt = tmp.join("profile/mnt");
-        d.mount(&plain, &mnt);
+        d.mount(&plain, &mnt, &["--plain-http"]);
         let objects = d.object_blobs();
         assert_eq!(chroot(&mnt, WORKLOAD), "1\n");
         let img = d.image();
@@ -229,7 +135,7 @@ fn recorded_list_is_shipped_and_prefetched_before_any_read() {
     let mut d = Daemon::start(&tmp.join("cold"), &[]);
     let mnt = tmp.join("cold/mnt");
     let off = log_len(&log);
-    d.mount(&with_list, &mnt);
+    d.mount(&with_list, &mnt, &["--plain-http"]);
     let objects = d.object_blobs();
     let img = wait_prefetch(&d);
     let prefetched: HashSet<String> =
@@ -260,7 +166,7 @@ fn recorded_list_is_shipped_and_prefetched_before_any_read() {
     let mut d = Daemon::start(&tmp.join("cancel"), &[("WISP_TEST_FETCH_DELAY_MS", "1000")]);
     let mnt = tmp.join("cancel/mnt");
     let off = log_len(&log);
-    d.mount(&with_list, &mnt);
+    d.mount(&with_list, &mnt, &["--plain-http"]);
     let objects = d.object_blobs();
     d.umount(&mnt);
     let n = blobs_served(&log, off).into_iter().filter(|(b, _)| objects.contains(b)).count();

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{repo_root, require, run, wisp_bin};
+use common::{registry, repo_root, require, run, wisp_bin};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use sha2::{Digest as _, Sha256};
@@ -52,10 +52,8 @@ impl Stalled {
         let tmp = PathBuf::from(format!("/var/tmp/wisp-registry-timeouts-{port}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).unwrap();
-        let script = repo_root().join("scripts/registry");
-        let _ = Command::new(&script).args(["stop", "--port", &port.to_string()]).output();
-        run(Command::new(&script).args(["start", "--port", &port.to_string(), "--root"]).arg(tmp.join("storage")));
-        let env = run(Command::new(&script).args(["env", "--port", &port.to_string()]));
+        registry::start(port, &tmp.join("storage"));
+        let env = run(Command::new(repo_root().join("scripts/registry")).args(["env", "--port", &port.to_string()]));
         let pid = env.lines().find_map(|l| l.strip_prefix("REGISTRY_PID=")).expect("REGISTRY_PID");
         Stalled { port, pid: Pid::from_raw(pid.trim().parse().expect("a pid")), tmp }
     }
@@ -83,9 +81,7 @@ impl Stalled {
 impl Drop for Stalled {
     fn drop(&mut self) {
         self.resume();
-        let _ = Command::new(repo_root().join("scripts/registry"))
-            .args(["stop", "--port", &self.port.to_string()])
-            .output();
+        registry::stop(self.port);
         if !std::thread::panicking() {
             let _ = fs::remove_dir_all(&self.tmp);
         }

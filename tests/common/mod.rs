@@ -9,6 +9,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod daemon;
+pub mod registry;
+
 /// Skips (returns false) with a reason, or panics when `WISP_REQUIRE_ALL=1` (CI: a skip is a failure).
 pub fn require(ok: bool, why: &str) -> bool {
     if ok {
@@ -49,6 +52,35 @@ pub fn run(cmd: &mut Command) -> String {
         );
     }
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The OCI digest of `bytes`: `sha256:<hex>`.
+pub fn oci_digest(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+/// `chroot DIR sh -c CMD`; panics when it fails, returns stdout.
+pub fn chroot(dir: &Path, cmd: &str) -> String {
+    run(Command::new("chroot").arg(dir).args(["sh", "-c", cmd]))
+}
+
+/// `setpriv` as the unprivileged user nobody (uid and gid 65534, no supplementary groups); the caller
+/// adds setpriv's further options and the command.
+pub fn as_nobody() -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+    cmd
+}
+
+/// The corpus's OCI layouts directory (`WISP_CORPUS_OCI` of `scripts/corpus env`), after building
+/// `families` if they are missing.
+pub fn corpus_oci(families: &[&str]) -> PathBuf {
+    if !families.is_empty() {
+        run(Command::new(repo_root().join("scripts/corpus")).arg("build").args(families));
+    }
+    let env = run(Command::new(repo_root().join("scripts/corpus")).arg("env"));
+    PathBuf::from(env.lines().find_map(|l| l.strip_prefix("WISP_CORPUS_OCI=")).expect("WISP_CORPUS_OCI"))
 }
 
 /// A Debian bookworm minbase root file system made with debootstrap, cached across runs

@@ -1,7 +1,7 @@
 //! wisp: containers that start before their image has been downloaded.
 //!
 //! The binary's modules: `cli` (one module per subcommand), `fswalk` (a directory into an EROFS tree),
-//! `objects` (content-addressed object files), `mount` (kernel mounts).
+//! `object` (the content object: entry, path, padding, verification), `mount` (kernel mounts).
 
 pub mod cli;
 pub mod convert;
@@ -9,7 +9,7 @@ pub mod daemon;
 pub mod fswalk;
 pub mod imagefile;
 pub mod mount;
-pub mod objects;
+pub mod object;
 pub mod oci;
 pub mod private_dir;
 pub mod snapshotter;

@@ -871,7 +871,7 @@ fn containerd_cachefiles_ctr_run() {
     assert!(pulled.len() <= 2, "the pull fetched more than the config and the index layer: {pulled:?}");
 
     // The image's objects, from the index layer containerd unpacked into the snapshotter.
-    let maps: Vec<Vec<wisp::oci::objmap::ObjectEntry>> = std::fs::read_dir(snap_root.join("snapshots"))
+    let maps: Vec<Vec<wisp::object::ObjectEntry>> = std::fs::read_dir(snap_root.join("snapshots"))
         .unwrap()
         .filter_map(|e| std::fs::read(e.unwrap().path().join("fs/wisp/objects.map")).ok())
         .map(|b| wisp::oci::objmap::decode(&b).unwrap())
@@ -1052,7 +1052,7 @@ fn guest_fixture() -> PathBuf {
 }
 
 /// The object map of a pulled image (`STATE/images/<id>/objects.map`), by content digest.
-fn image_objects(d: &GuestDaemon, id: &str) -> HashMap<Digest, wisp::oci::objmap::ObjectEntry> {
+fn image_objects(d: &GuestDaemon, id: &str) -> HashMap<Digest, wisp::object::ObjectEntry> {
     let bytes = std::fs::read(d.state.join("images").join(id).join("objects.map")).unwrap();
     wisp::oci::objmap::decode(&bytes).unwrap().into_iter().map(|e| (e.digest, e)).collect()
 }
@@ -1183,7 +1183,7 @@ fn daemon_cachefiles_tampered_object_eio() {
     let (image, key) = (rec["image"].as_str().unwrap().to_owned(), rec["id"].as_str().unwrap().to_owned());
     let objects = image_objects(&d, &image);
     let files = image_files(&d, &image);
-    use wisp::oci::objmap::Compression;
+    use wisp::object::Compression;
     let pick = |want: Compression| {
         files
             .iter()

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::fswalk::{self, DirContent};
-use crate::objects::ObjectDir;
+use crate::object::dir::ObjectDir;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

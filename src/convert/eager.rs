@@ -21,8 +21,8 @@ use erofs::tree::{Digest, FileData, Inode, InodeId, Kind, Tree, ROOT};
 use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps, CWD};
 use serde::Serialize;
 
+use crate::object::ObjectEntry;
 use crate::oci::index_image;
-use crate::oci::objmap::ObjectEntry;
 use crate::oci::Repo;
 use crate::store::{fetch_verified, ObjectStore};
 

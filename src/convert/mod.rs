@@ -19,7 +19,7 @@ use anyhow::{Context, Result};
 use erofs::tree::{Digest, FileData, Kind};
 use serde::Serialize;
 
-use crate::oci::objmap::ObjectEntry;
+use crate::object::ObjectEntry;
 use crate::oci::{index_image, Repo};
 use crate::store::compress::CompressOptions;
 use crate::store::ObjectStore;
@@ -203,7 +203,7 @@ pub fn convert(
     let entries: HashMap<Digest, ObjectEntry> = todo.iter().map(|(e, _)| (e.digest, *e)).collect();
     for e in entries.values() {
         sum.objects_stored_bytes += e.stored_size;
-        if e.compression == crate::oci::objmap::Compression::Zstd {
+        if e.compression == crate::object::Compression::Zstd {
             sum.objects_compressed += 1;
         }
     }

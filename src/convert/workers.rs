@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use erofs::tree::Digest;
 use sha2::{Digest as _, Sha256};
 
-use crate::oci::objmap::ObjectEntry;
+use crate::object::ObjectEntry;
 use crate::store::compress::{finish_object, CompressOptions, ZstdSpill};
 use crate::store::ObjectStore;
 

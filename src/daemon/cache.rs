@@ -19,7 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use anyhow::{Context, Result};
 use erofs::tree::Digest;
 
-use crate::objects::padded_len;
+use crate::object::padded_len;
 
 /// The xattr that marks a complete, verified object file.
 pub const COMPLETE_XATTR: &str = "user.wisp.complete";
@@ -80,8 +80,7 @@ impl NodeCache {
 
     /// The object file of `digest`.
     pub fn path(&self, digest: &Digest) -> PathBuf {
-        let hex = hex::encode(digest);
-        self.root.join("objects").join(&hex[..2]).join(hex)
+        crate::object::path_in(&self.root.join("objects"), digest)
     }
 
     /// Makes sure the object file exists with the padded size of `size` content bytes. Returns whether

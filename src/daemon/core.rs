@@ -16,7 +16,7 @@ use fscache::backend::{Backend, Errno, FillSink, ObjectKey, Opened};
 use super::cache::NodeCache;
 use super::fetcher::{Fetcher, Joined};
 use super::stats::{ImageStats, StatsReport};
-use crate::oci::objmap::ObjectEntry;
+use crate::object::ObjectEntry;
 use crate::store::ObjectStore;
 
 /// An object some mounted image needs.
@@ -238,7 +238,7 @@ impl Backend for Core {
                 blob: [0; 32],
                 size: *size,
                 stored_size: *size,
-                compression: crate::oci::objmap::Compression::None,
+                compression: crate::object::Compression::None,
             };
             let h = Handle { entry, stores: Vec::new(), charge: image.clone(), primary: Some(path.clone()) };
             return Ok(Opened { object: h, size: *size });

@@ -145,12 +145,12 @@ impl Mounts {
         Ok(())
     }
 
-    fn detach(&self, key: &str, devices: &[crate::oci::objmap::ObjectEntry]) {
+    fn detach(&self, key: &str, devices: &[crate::object::ObjectEntry]) {
         let _one = self.attaching.lock().unwrap_or_else(|p| p.into_inner());
         self.detach_locked(key, devices);
     }
 
-    fn detach_locked(&self, key: &str, devices: &[crate::oci::objmap::ObjectEntry]) {
+    fn detach_locked(&self, key: &str, devices: &[crate::object::ObjectEntry]) {
         for e in devices {
             if self.core.release(key, &e.digest) {
                 let Some(frontend) = &self.frontend else { continue };

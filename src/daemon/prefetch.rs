@@ -153,7 +153,7 @@ impl Prefetches {
                 Ok(t) => t,
                 Err(e) => return tracing::warn!(error = %format!("{e:#}"), "reading the prefetch list"),
             };
-            let entries: HashMap<Digest, crate::oci::objmap::ObjectEntry> =
+            let entries: HashMap<Digest, crate::object::ObjectEntry> =
                 img.devices.iter().map(|e| (e.digest, *e)).collect();
             let todo: Vec<_> = todo.iter().filter_map(|(_, d)| entries.get(d).copied()).collect();
             let (next, done) = (AtomicUsize::new(0), AtomicUsize::new(0));

@@ -21,9 +21,10 @@ use anyhow::{bail, ensure, Context, Result};
 use erofs::tree::{Digest, FileData, Kind, Tree};
 use erofs::writer::MemorySource;
 
-use super::objmap::{self, Compression, ObjectEntry};
+use super::objmap;
 use super::types::*;
 use super::{Repo, SourceImage};
+use crate::object::{Compression, ObjectEntry};
 
 pub const FORMAT_VERSION: &str = "1";
 pub const INDEX_PATH: &str = "wisp/index.erofs";

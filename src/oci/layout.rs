@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{bail, Context, Result};
 
 use super::types::{digest_hex, sha256_digest, Descriptor, ImageIndex, MT_OCI_INDEX};
-use super::verify::VerifyingReader;
 use super::{RawManifest, Repo};
+use crate::object::verify::VerifyingReader;
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 static SEQ: AtomicU64 = AtomicU64::new(0);

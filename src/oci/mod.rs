@@ -8,7 +8,6 @@ pub mod layout;
 pub mod objmap;
 pub mod registry;
 pub mod types;
-pub mod verify;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -28,8 +28,8 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 
 use super::types::{sha256_digest, ACCEPTED_MANIFESTS};
-use super::verify::VerifyingReader;
 use super::{RawManifest, Repo, TransportOptions};
+use crate::object::verify::VerifyingReader;
 
 pub struct Registry {
     rt: tokio::runtime::Runtime,

@@ -17,8 +17,8 @@ use anyhow::{bail, Context, Result};
 use erofs::tree::Digest;
 
 use super::ObjectStore;
-use crate::oci::objmap::{Compression, ObjectEntry};
-use crate::oci::verify::VerifyingReader;
+use crate::object::verify::VerifyingReader;
+use crate::object::{Compression, ObjectEntry};
 
 const MARKER: &str = "wisp-store.json";
 const MARKER_BODY: &[u8] = br#"{"layout":"wisp-objects","version":1}"#;
@@ -42,17 +42,16 @@ impl DirStore {
     }
 
     pub fn path(&self, digest: &Digest, compression: Compression) -> PathBuf {
-        let hex = hex::encode(digest);
-        let name = match compression {
-            Compression::None => hex.clone(),
-            Compression::Zstd => format!("{hex}.zst"),
-        };
-        self.root.join("objects").join(&hex[..2]).join(name)
+        let raw = crate::object::path_in(&self.root.join("objects"), digest);
+        match compression {
+            Compression::None => raw,
+            Compression::Zstd => raw.with_extension("zst"),
+        }
     }
 }
 
 fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
-    crate::objects::hash_reader(io::BufReader::with_capacity(1 << 20, File::open(path)?))
+    crate::object::verify::hash_reader(io::BufReader::with_capacity(1 << 20, File::open(path)?))
 }
 
 impl ObjectStore for DirStore {

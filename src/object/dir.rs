@@ -1,24 +1,20 @@
-//! Object files named by content: `DIR/<first two hex digits>/<sha256 hex>`, each padded with a sparse
-//! zero tail to a multiple of 4 KiB because the kernel reads EROFS devices in whole blocks (docs/kernel.md
-//! G.9). Writes go to a temporary name in the same directory and are renamed into place, so a reader
-//! never sees a partial object.
+//! A directory of uncompressed object files as the kernel reads them (`wisp mkfs --external`):
+//! `DIR/<first two hex digits>/<sha256 hex>` ([`super::path_in`]), each padded with a sparse zero
+//! tail to a multiple of 4 KiB ([`super::padded_len`]). Writes go to a temporary name in the same
+//! directory and are renamed into place, so a reader never sees a partial object.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
-use sha2::{Digest as _, Sha256};
 
-/// Block size that every object file is padded to.
-pub const BLOCK: u64 = 4096;
+use super::padded_len;
+use super::verify::copy_hashing;
+
+/// [`super::BLOCK`] as a slice length.
 const BLOCK_BYTES: usize = 4096;
-
-/// `size` rounded up to a whole number of blocks.
-pub fn padded_len(size: u64) -> u64 {
-    size.div_ceil(BLOCK) * BLOCK
-}
 
 /// A directory of uncompressed object files, as the kernel reads them.
 #[derive(Debug, Clone)]
@@ -39,8 +35,7 @@ impl ObjectDir {
 
     /// Where the object with this digest lives.
     pub fn path(&self, digest: &[u8; 32]) -> PathBuf {
-        let hex = hex::encode(digest);
-        self.root.join(&hex[..2]).join(hex)
+        super::path_in(&self.root, digest)
     }
 
     /// Whether a complete object with this digest and content size is present.
@@ -100,28 +95,4 @@ impl Write for SparseWriter<'_> {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
-}
-
-/// sha256 and length of everything `input` yields.
-pub fn hash_reader(mut input: impl Read) -> io::Result<([u8; 32], u64)> {
-    copy_hashing(&mut input, &mut io::sink())
-}
-
-/// Copies `input` to `out`, returning the sha256 and the byte count of what was copied.
-pub fn copy_hashing(mut input: impl Read, out: &mut impl Write) -> io::Result<([u8; 32], u64)> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = match input.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])?;
-        total += n as u64;
-    }
-    Ok((hasher.finalize().into(), total))
 }

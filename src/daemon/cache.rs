@@ -19,6 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use anyhow::{Context, Result};
 use erofs::tree::Digest;
 
+use crate::object::atomic::{self, Place};
 use crate::object::padded_len;
 
 /// The xattr that marks a complete, verified object file.
@@ -109,18 +110,21 @@ impl NodeCache {
         // request placed meanwhile (and the frontend may have marked already) is never swapped for a
         // new inode. Two requests of one process used to share one temporary name and break each
         // other's rename (issue 20: 30 of 32 concurrent mounts failed).
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{}.new-", hex::encode(digest)))
-            .tempfile_in(dir)
-            .with_context(|| format!("creating a temporary object file in {}", dir.display()))?;
-        tmp.as_file().set_len(want).with_context(|| format!("sizing {}", tmp.path().display()))?;
-        match tmp.persist_noclobber(&path) {
-            Ok(_) => Ok(false),
-            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {
-                // Placed by a concurrent request: it was sized before it got its name.
-                Ok(self.is_complete(digest))
-            }
-            Err(e) => Err(e.error).with_context(|| format!("placing {}", path.display())),
+        let ((), placed) = atomic::create(&path, Place::NoClobber, |tmp| {
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(tmp)
+                .with_context(|| format!("creating a temporary object file in {}", dir.display()))?;
+            f.set_len(want).with_context(|| format!("sizing {}", tmp.display()))
+        })
+        .with_context(|| format!("placing {}", path.display()))?;
+        if placed {
+            Ok(false)
+        } else {
+            // Placed by a concurrent request: it was sized before it got its name.
+            Ok(self.is_complete(digest))
         }
     }
 

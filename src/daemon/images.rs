@@ -18,8 +18,8 @@ use anyhow::{Context, Result};
 use erofs::tree::Digest;
 use serde::{Deserialize, Serialize};
 
+use crate::object::atomic::write_atomic;
 use crate::object::ObjectEntry;
-use crate::oci::layout::write_atomic;
 use crate::oci::objmap;
 use crate::oci::{self, index_image, ImageRef, TransportOptions};
 use crate::store::{self, ObjectStore, StoreSpec};

@@ -232,7 +232,7 @@ impl Mounts {
             }
             return Err(e);
         }
-        crate::oci::layout::write_atomic(&mdir.join("record.json"), &serde_json::to_vec_pretty(&rec)?)?;
+        crate::object::atomic::write_atomic(&mdir.join("record.json"), &serde_json::to_vec_pretty(&rec)?)?;
         let out = serde_json::json!({
             "id": id, "image": img.id, "dir": rec.dir, "upper": rec.upper, "objects": img.devices.len(),
             "content_bytes": img.content_bytes(), "stored_bytes": img.stored_bytes(), "frontend": self.kind().name(), "fsid": rec.fsid,

@@ -6,10 +6,10 @@
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 
+use super::atomic::{Place, TempFile};
 use super::padded_len;
 use super::verify::copy_hashing;
 
@@ -21,8 +21,6 @@ const BLOCK_BYTES: usize = 4096;
 pub struct ObjectDir {
     root: PathBuf,
 }
-
-static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl ObjectDir {
     pub fn new(root: impl Into<PathBuf>) -> Self {
@@ -48,28 +46,23 @@ impl ObjectDir {
     /// object was already present the copy is discarded.
     pub fn ingest_file(&self, src: &Path) -> Result<([u8; 32], u64, bool)> {
         fs::create_dir_all(&self.root).with_context(|| format!("creating {}", self.root.display()))?;
-        let tmp =
-            self.root.join(format!(".tmp.ingest.{}.{}", std::process::id(), TMP_SEQ.fetch_add(1, Ordering::Relaxed)));
-        let result = (|| -> Result<([u8; 32], u64, bool)> {
-            let input = File::open(src).with_context(|| format!("opening {}", src.display()))?;
-            let out = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            let mut sparse = SparseWriter { file: &out, pos: 0 };
-            let (digest, size) =
-                copy_hashing(input, &mut sparse).with_context(|| format!("copying {}", src.display()))?;
-            if self.contains(&digest, size) {
-                return Ok((digest, size, false));
-            }
-            out.set_len(padded_len(size)).with_context(|| format!("padding {}", tmp.display()))?;
-            let dest = self.path(&digest);
-            let dir = dest.parent().expect("object path has a parent");
-            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            fs::rename(&tmp, &dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
-            Ok((digest, size, true))
-        })();
-        if !matches!(result, Ok((_, _, true))) {
-            let _ = fs::remove_file(&tmp);
+        // The name is known once the content is hashed: stage in the root, on the same file system.
+        let tmp = TempFile::in_dir(&self.root, "ingest")?;
+        let input = File::open(src).with_context(|| format!("opening {}", src.display()))?;
+        let out = File::create(tmp.path()).with_context(|| format!("creating {}", tmp.path().display()))?;
+        let mut sparse = SparseWriter { file: &out, pos: 0 };
+        let (digest, size) = copy_hashing(input, &mut sparse).with_context(|| format!("copying {}", src.display()))?;
+        if self.contains(&digest, size) {
+            return Ok((digest, size, false));
         }
-        result
+        out.set_len(padded_len(size)).with_context(|| format!("padding {}", tmp.path().display()))?;
+        let dest = self.path(&digest);
+        let dir = dest.parent().expect("object path has a parent");
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let from = tmp.path().to_path_buf();
+        tmp.place(&dest, Place::Replace)
+            .with_context(|| format!("renaming {} to {}", from.display(), dest.display()))?;
+        Ok((digest, size, true))
     }
 }
 

@@ -4,12 +4,15 @@
 //! [`path_in`]), its padded length as the kernel reads it ([`padded_len`]), and checking its bytes
 //! ([`verify`]).
 //!
+//! - [`atomic`]: files that appear whole or not at all (temporary name, then rename), for objects
+//!   and for every other file wisp writes into a store, cache or state directory;
 //! - [`dir::ObjectDir`]: a directory of uncompressed, padded object files (`wisp mkfs --external`);
 //! - [`verify`]: hashing, and readers that check bytes against a digest and size.
 //!
 //! Where objects are kept between conversion and use is [`crate::store`]; how an index image lists
 //! them is [`crate::oci::objmap`].
 
+pub mod atomic;
 pub mod dir;
 pub mod verify;
 

@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use super::containerd::ContainerdClient;
 use crate::daemon::images::read_local_index;
 use crate::daemon::protocol::{self, FrontendKind, MountRequest, Request};
+use crate::object::atomic::write_atomic;
 use crate::oci::index_image;
-use crate::oci::layout::write_atomic;
 use crate::oci::types::sha256_digest;
 
 /// How to reach the daemon and the objects.

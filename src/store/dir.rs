@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use erofs::tree::Digest;
 
 use super::ObjectStore;
+use crate::object::atomic::{self, Place};
 use crate::object::verify::VerifyingReader;
 use crate::object::{Compression, ObjectEntry};
 
@@ -36,7 +37,7 @@ impl DirStore {
                 bail!("{}: not a wisp object store (no {MARKER})", root.display());
             }
             fs::create_dir_all(root.join("objects")).with_context(|| format!("creating {}", root.display()))?;
-            crate::oci::layout::write_atomic(&marker, MARKER_BODY)?;
+            atomic::write_atomic(&marker, MARKER_BODY)?;
         }
         Ok(DirStore { root: root.to_path_buf() })
     }
@@ -87,12 +88,8 @@ impl ObjectStore for DirStore {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         // Staging lives on this file system (staging_parent), so a rename is atomic.
         if fs::rename(staged, &dest).is_err() {
-            let tmp = dir.join(format!(".tmp.{}.{}", hex::encode(obj.digest), std::process::id()));
-            let r = fs::copy(staged, &tmp).and_then(|_| fs::rename(&tmp, &dest));
-            if r.is_err() {
-                let _ = fs::remove_file(&tmp);
-            }
-            r.with_context(|| format!("storing object {} in {}", hex::encode(obj.digest), self.describe()))?;
+            atomic::create(&dest, Place::Replace, |tmp| Ok(fs::copy(staged, tmp).map(drop)?))
+                .with_context(|| format!("storing object {} in {}", hex::encode(obj.digest), self.describe()))?;
         }
         Ok(true)
     }

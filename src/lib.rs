@@ -8,6 +8,7 @@ pub mod convert;
 pub mod daemon;
 pub mod fswalk;
 pub mod imagefile;
+pub mod index;
 pub mod mount;
 pub mod object;
 pub mod oci;

@@ -874,7 +874,7 @@ fn containerd_cachefiles_ctr_run() {
     let maps: Vec<Vec<wisp::object::ObjectEntry>> = std::fs::read_dir(snap_root.join("snapshots"))
         .unwrap()
         .filter_map(|e| std::fs::read(e.unwrap().path().join("fs/wisp/objects.map")).ok())
-        .map(|b| wisp::oci::objmap::decode(&b).unwrap())
+        .map(|b| wisp::index::objmap::decode(&b).unwrap())
         .collect();
     assert_eq!(maps.len(), 1, "one unpacked wisp index layer");
     let stored: u64 = maps[0].iter().map(|e| e.stored_size).sum();
@@ -1054,7 +1054,7 @@ fn guest_fixture() -> PathBuf {
 /// The object map of a pulled image (`STATE/images/<id>/objects.map`), by content digest.
 fn image_objects(d: &GuestDaemon, id: &str) -> HashMap<Digest, wisp::object::ObjectEntry> {
     let bytes = std::fs::read(d.state.join("images").join(id).join("objects.map")).unwrap();
-    wisp::oci::objmap::decode(&bytes).unwrap().into_iter().map(|e| (e.digest, e)).collect()
+    wisp::index::objmap::decode(&bytes).unwrap().into_iter().map(|e| (e.digest, e)).collect()
 }
 
 /// Every regular file of a pulled image whose data is an external object: (path relative to the root,
@@ -1062,7 +1062,7 @@ fn image_objects(d: &GuestDaemon, id: &str) -> HashMap<Digest, wisp::object::Obj
 fn image_files(d: &GuestDaemon, id: &str) -> Vec<(String, Digest, u64)> {
     let bytes = std::fs::read(d.state.join("images").join(id).join("index.erofs")).unwrap();
     let tree = erofs::reader::Image::open(&bytes[..]).unwrap().read_tree().unwrap();
-    let mut files: Vec<(String, Digest, u64)> = wisp::oci::index_image::regular_files(&tree)
+    let mut files: Vec<(String, Digest, u64)> = wisp::index::regular_files(&tree)
         .into_iter()
         .filter_map(|(p, data)| match data {
             FileData::External { size, digest } => {

@@ -21,8 +21,8 @@ use erofs::tree::{Digest, FileData, Inode, InodeId, Kind, Tree, ROOT};
 use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps, CWD};
 use serde::Serialize;
 
+use crate::index;
 use crate::object::ObjectEntry;
-use crate::oci::index_image;
 use crate::oci::Repo;
 use crate::store::{fetch_verified, ObjectStore};
 
@@ -51,7 +51,7 @@ pub fn pull_eager(
     progress: bool,
 ) -> Result<PullSummary> {
     let start = Instant::now();
-    let pulled = index_image::read(repo).with_context(|| format!("reading the index image {}", repo.describe()))?;
+    let pulled = index::read(repo).with_context(|| format!("reading the index image {}", repo.describe()))?;
     let image = erofs::reader::Image::open(pulled.erofs.as_slice()).context("opening the EROFS index")?;
     let tree = image.read_tree().context("reading the EROFS index")?;
     let map: HashMap<Digest, ObjectEntry> = pulled.objects.iter().map(|e| (e.digest, *e)).collect();

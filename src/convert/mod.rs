@@ -19,8 +19,9 @@ use anyhow::{Context, Result};
 use erofs::tree::{Digest, FileData, Kind};
 use serde::Serialize;
 
+use crate::index;
 use crate::object::ObjectEntry;
-use crate::oci::{index_image, Repo};
+use crate::oci::Repo;
 use crate::store::compress::CompressOptions;
 use crate::store::ObjectStore;
 use crate::tree::merge::{reachable, Merger};
@@ -33,7 +34,7 @@ pub struct ConvertOptions {
     pub inline_max: u64,
     pub compress: CompressOptions,
     pub workers: usize,
-    pub index_compression: index_image::LayerCompression,
+    pub index_compression: index::LayerCompression,
     /// Parallel object uploads.
     pub upload_jobs: usize,
     pub progress: bool,
@@ -49,7 +50,7 @@ impl Default for ConvertOptions {
             inline_max: DEFAULT_INLINE_MAX,
             compress: CompressOptions::default(),
             workers: 2,
-            index_compression: index_image::LayerCompression::Zstd(index_image::INDEX_ZSTD_LEVEL),
+            index_compression: index::LayerCompression::Zstd(index::INDEX_ZSTD_LEVEL),
             upload_jobs: 8,
             progress: false,
             prefetch: None,
@@ -165,7 +166,7 @@ pub fn convert(
     sum.merge_seconds = start.elapsed().as_secs_f64();
     let tree = merger.into_tree();
     let prefetch = match &opts.prefetch {
-        Some((name, text)) => Some(index_image::check_prefetch(&tree, text, name)?),
+        Some((name, text)) => Some(index::check_prefetch(&tree, text, name)?),
         None => None,
     };
 
@@ -212,7 +213,7 @@ pub fn convert(
     let (stored, built, index_start) = std::thread::scope(|s| {
         let index = s.spawn(|| {
             let t = Instant::now();
-            let built = index_image::build(
+            let built = index::build(
                 &tree,
                 &pass.inline,
                 &entries,
@@ -240,7 +241,7 @@ pub fn convert(
     sum.index_map_bytes = built.map_bytes;
     sum.index_layer_bytes = built.layer.len() as u64;
     sum.object_lists = built.object_lists.len();
-    sum.index_digest = index_image::push(dst, &built)?;
+    sum.index_digest = index::push(dst, &built)?;
     sum.index_build_seconds = build_seconds;
     sum.index_seconds = index_start.elapsed().as_secs_f64();
     sum.total_seconds = start.elapsed().as_secs_f64();

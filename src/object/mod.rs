@@ -10,7 +10,7 @@
 //! - [`verify`]: hashing, and readers that check bytes against a digest and size.
 //!
 //! Where objects are kept between conversion and use is [`crate::store`]; how an index image lists
-//! them is [`crate::oci::objmap`].
+//! them is [`crate::index::objmap`].
 
 pub mod atomic;
 pub mod dir;

@@ -1,4 +1,7 @@
-//! The index image (docs/convert.md has the full description):
+//! The index image, wisp's one OCI image per converted image: building it from a merged tree and its
+//! objects, pushing it, resolving and reading it back, keeping its children alive, and its startup
+//! prefetch list. [`objmap`] is the format of its object map. docs/convert.md has the full
+//! description:
 //!
 //! ```text
 //! tag ──► image index (application/vnd.oci.image.index.v1+json)
@@ -21,10 +24,11 @@ use anyhow::{bail, ensure, Context, Result};
 use erofs::tree::{Digest, FileData, Kind, Tree};
 use erofs::writer::MemorySource;
 
-use super::objmap;
-use super::types::*;
-use super::{Repo, SourceImage};
 use crate::object::{Compression, ObjectEntry};
+use crate::oci::types::*;
+use crate::oci::{Repo, SourceImage};
+
+pub mod objmap;
 
 pub const FORMAT_VERSION: &str = "1";
 pub const INDEX_PATH: &str = "wisp/index.erofs";

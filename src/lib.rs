@@ -13,6 +13,8 @@ pub mod mount;
 pub mod object;
 pub mod oci;
 pub mod private_dir;
+pub mod progress;
+pub mod pull;
 pub mod snapshotter;
 pub mod store;
 pub mod tree;

@@ -5,9 +5,7 @@
 //! then the objects that a surviving path references are stored (each atomically, existing ones
 //! skipped); then the index image's blobs and manifests; its tag last.
 
-pub mod eager;
 pub mod layers;
-pub mod progress;
 pub mod workers;
 
 use std::collections::{BTreeMap, HashMap};
@@ -140,7 +138,7 @@ pub fn convert(
     let mut pool = workers::Pool::new(opts.workers, &staging.0, Arc::clone(&store), opts.compress);
     let mut merger = Merger::new();
     let mut pass = layers::LayerPass::default();
-    let pb = opts.progress.then(|| progress::bytes(sum.layer_bytes_compressed, "layers"));
+    let pb = opts.progress.then(|| crate::progress::bytes(sum.layer_bytes_compressed, "layers"));
     let applied = layers::apply_layers(
         src,
         &source.manifest.layers,
@@ -257,7 +255,7 @@ fn store_objects(
     opts: &ConvertOptions,
 ) -> Result<(u64, u64)> {
     let pending: Vec<&(ObjectEntry, Option<PathBuf>)> = todo.iter().filter(|(_, p)| p.is_some()).collect();
-    let pb = opts.progress.then(|| progress::count(pending.len() as u64, "objects"));
+    let pb = opts.progress.then(|| crate::progress::count(pending.len() as u64, "objects"));
     let next = Mutex::new(0usize);
     let counts = Mutex::new((0u64, 0u64));
     let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);

@@ -1,6 +1,7 @@
-//! `wisp pull --eager`: fetch an index image and every object it references, verify each object
-//! (blob digest of the stored bytes, sha256 of the content), and materialize the tree with real
-//! ownership, modes, nanosecond mtimes, xattrs, device numbers and hard links. Runs as root.
+//! `wisp pull --eager`, the inverse of `wisp convert`: fetch an index image and every object it
+//! references, verify each object (blob digest of the stored bytes, sha256 of the content), and
+//! materialize the tree with real ownership, modes, nanosecond mtimes, xattrs, device numbers and
+//! hard links. Runs as root.
 //!
 //! Objects are fetched in parallel into a staging directory beside DIR (never inside it); metadata
 //! is applied in the order that keeps it: owner, then mode (chown clears setuid bits), then xattrs
@@ -122,7 +123,7 @@ fn fetch_all(
     jobs: usize,
     progress: bool,
 ) -> Result<()> {
-    let pb = progress.then(|| super::progress::bytes(needed.iter().map(|e| e.stored_size).sum(), "objects"));
+    let pb = progress.then(|| crate::progress::bytes(needed.iter().map(|e| e.stored_size).sum(), "objects"));
     let next = Mutex::new(0usize);
     let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
     std::thread::scope(|s| {

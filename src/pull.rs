@@ -60,7 +60,7 @@ pub fn pull_eager(
     let mut needed: Vec<ObjectEntry> = Vec::new();
     let mut uses: HashMap<Digest, usize> = HashMap::new();
     let mut files = 0;
-    let reach = crate::tree::merge::reachable(&tree);
+    let reach = crate::changeset::merge::reachable(&tree);
     for &id in &reach {
         if let Kind::Regular(data) = &tree.inodes[id].kind {
             files += 1;

@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
+use crate::changeset::limits::{parse_size, Limits};
 use crate::convert::{convert, ConvertOptions, ConvertSummary};
 use crate::oci::{self, ImageRef, TransportOptions};
 use crate::store::{self, StoreSpec};
-use crate::tree::limits::{parse_size, Limits};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

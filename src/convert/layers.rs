@@ -10,13 +10,13 @@ use erofs::tree::{Extent, FileData, InodeId};
 use erofs::writer::MemorySource;
 
 use super::workers::{self, stream_to, Pool};
+use crate::changeset::entry::{self, EntryKind};
+use crate::changeset::limits::{Bounded, Counter, CountingReader, LimitError, Limits};
+use crate::changeset::merge::Merger;
+use crate::changeset::sparse::Expand;
+use crate::changeset::tarstream::TarReader;
 use crate::oci::types::Descriptor;
 use crate::oci::Repo;
-use crate::tree::entry::{self, EntryKind};
-use crate::tree::limits::{Bounded, Counter, CountingReader, LimitError, Limits};
-use crate::tree::merge::Merger;
-use crate::tree::sparse::Expand;
-use crate::tree::tarstream::TarReader;
 
 /// A decompressing reader chosen by the stream's first bytes.
 enum Decompressed<R: BufRead> {
@@ -239,7 +239,7 @@ pub fn ingest_tar<R: Read>(
         let mut data = ar.data();
         let Some(parsed) = entry::parse(&member, &mut data)? else { continue };
         pass.entries += 1;
-        let name = crate::tree::show_bytes(&parsed.name);
+        let name = crate::changeset::show_bytes(&parsed.name);
         last.clone_from(&name);
         let entries = pass.entries + merger.implicit_dirs();
         if entries > limits.max_entries {

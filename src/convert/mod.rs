@@ -17,12 +17,12 @@ use anyhow::{Context, Result};
 use erofs::tree::{Digest, FileData, Kind};
 use serde::Serialize;
 
+use crate::changeset::merge::{reachable, Merger};
 use crate::index;
 use crate::object::ObjectEntry;
 use crate::oci::Repo;
 use crate::store::compress::CompressOptions;
 use crate::store::ObjectStore;
-use crate::tree::merge::{reachable, Merger};
 
 /// Files up to this size stay inside the index (docs/convert.md has the measurement).
 pub const DEFAULT_INLINE_MAX: u64 = 2048;
@@ -39,7 +39,7 @@ pub struct ConvertOptions {
     /// A startup prefetch list (its name for errors, its text) to ship as `wisp/prefetch.list`.
     pub prefetch: Option<(String, Vec<u8>)>,
     /// What the source's layers may cost (entries, sizes, expansion, metadata, memory).
-    pub limits: crate::tree::limits::Limits,
+    pub limits: crate::changeset::limits::Limits,
 }
 
 impl Default for ConvertOptions {
@@ -52,7 +52,7 @@ impl Default for ConvertOptions {
             upload_jobs: 8,
             progress: false,
             prefetch: None,
-            limits: crate::tree::limits::Limits::default(),
+            limits: crate::changeset::limits::Limits::default(),
         }
     }
 }

@@ -155,10 +155,9 @@ pub fn convert(
     }
     applied?;
     for r in results {
-        let d = r.result?;
-        layers::pending_done(&mut merger, &mut pass, r.id, d);
+        pass.digests.insert(r.id, r.result?);
     }
-    anyhow::ensure!(pass.pending.is_empty(), "internal error: {} files without a digest", pass.pending.len());
+    layers::resolve_digests(&mut merger, &mut pass)?;
     sum.tar_entries = pass.entries;
     sum.tar_file_bytes = pass.uncompressed_bytes;
     sum.merge_seconds = start.elapsed().as_secs_f64();

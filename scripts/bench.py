@@ -912,7 +912,10 @@ def main():
     ap.add_argument("--parallel", action="store_true",
                     help="full run: each series (5 Mbit/s; 5 Mbit/s pysci; 100 Mbit/s) on its own link at once, "
                          "then one report")
+    ap.add_argument("--check-args", action="store_true", help=argparse.SUPPRESS)  # scripts/bench, before setup
     a = ap.parse_args()
+    if a.check_args:
+        return
     if a.parallel and (a.vm or a.guest):
         sys.exit("bench: --parallel is for the native run")
     if a.parallel:

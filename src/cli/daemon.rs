@@ -42,6 +42,9 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    // Before anything is created: without CAP_SYS_ADMIN the first mount or fanotify_init would fail
+    // with a bare EPERM, after the state and cache directories were made.
+    super::caps::require("wisp daemon", super::caps::DAEMON)?;
     let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
     let cfg = Config {
         cache: abs(a.cache),

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod caps;
 mod convert;
 mod daemon;
 mod fsck;

@@ -1,5 +1,7 @@
-//! The node object cache: one sparse file per object, `CACHE/objects/<2 hex>/<64 hex>`, named by the
-//! sha256 of its content and shared by every image on the node.
+//! The node object cache of the fanotify frontend (super::frontend::fanotify): one sparse file per
+//! object, `CACHE/objects/<2 hex>/<64 hex>`, named by the sha256 of its content and shared by every
+//! image on the node. (Under cachefiles the kernel's own cache files, `CACHE/cachefiles`, hold the
+//! objects; of this directory only `tmp/` is used, to spool large downloads.)
 //!
 //! A file is created with its final size padded to 4 KiB (the kernel reads EROFS devices in whole
 //! blocks, docs/kernel.md G.9) when an image that needs it is mounted, and filled on first access. The

@@ -2,7 +2,8 @@
 //! pre-content events, docs/kernel.md G.5), verified by digest, and kept under `STATE/images/<hex digest>/`:
 //!
 //! ```text
-//! index.erofs    the EROFS index, mounted file-backed
+//! index.erofs    the EROFS index, mounted file-backed (fanotify) or served as the mount's primary
+//!                blob (cachefiles)
 //! objects.map    the object map (src/index/objmap.rs format)
 //! image.json     how to reach the image's objects again after a daemon restart
 //! prefetch.list  the startup prefetch list, when the index image has one

@@ -3,19 +3,22 @@
 //!
 //! * [`supervisor`]: holds the kernel session (fanotify group or /dev/cachefiles) and the control
 //!   socket across worker restarts.
-//! * [`cachefiles`]: the cachefiles on-demand frontend (EROFS over fscache, one shared domain).
-//! * [`worker`]: serves kernel events and control requests.
-//! * The core, which does not depend on the kernel interface: [`core`] (the `Backend` both frontends
-//!   serve), [`fetcher`] (single flight, bounded concurrency, retries, deadline), [`cache`] (sparse
-//!   object files named by sha256, completeness record), [`images`] (index images under the state
-//!   directory), [`stats`].
+//! * [`frontend`]: the kernel interfaces, one module each behind one trait: [`frontend::fanotify`]
+//!   (pre-content events on object files) and [`frontend::cachefiles`] (EROFS over fscache, one shared
+//!   domain).
+//! * [`worker`]: runs the frontend the supervisor chose and serves control requests.
+//! * The core, which does not depend on the kernel interface: [`core`] (the objects the mounted
+//!   images need, filled for either frontend), [`fetcher`] (single flight, bounded concurrency,
+//!   retries, deadline), [`cache`] (sparse object files named by sha256, completeness record),
+//!   [`images`] (index images under the state directory), [`stats`].
 //! * [`prefetch`]: the startup prefetch list (recording first reads, prefetching at mount).
-//! * [`mounts`]: EROFS file-backed + overlayfs mounts; [`protocol`]: the control socket.
+//! * [`mounts`]: the EROFS lower (through the frontend) + overlayfs mounts and their records;
+//!   [`protocol`]: the control socket.
 
 pub mod cache;
-pub mod cachefiles;
 pub mod core;
 pub mod fetcher;
+pub mod frontend;
 pub mod images;
 pub mod mounts;
 pub mod prefetch;

@@ -1,8 +1,10 @@
-//! Mounting images lazily: the EROFS index file-backed with one `device=` per object file of the node
-//! cache (new mount API, [`crate::mount::mount_erofs_file`]), overlayfs on top with an upper and a work
-//! directory. Each mount is recorded in `STATE/mounts/<id>/record.json` (with `lower/`, and `upper/`
-//! and `work/` when the client gave none), so a restarted worker finds the mounts the kernel still has
-//! and watches their objects again.
+//! Mounting images lazily: the EROFS index as the frontend mounts it (super::frontend: file-backed
+//! with one `device=` per object file for fanotify, over fscache for cachefiles), overlayfs on top with
+//! an upper and a work directory (or the lower alone, `lower_only`). The objects each mount needs are
+//! registered with the [`Core`] and watched by the frontend, once per object however many images share
+//! it. Each mount is recorded in `STATE/mounts/<id>/record.json` (with `lower/`, and `upper/` and
+//! `work/` when the client gave none), so a restarted worker finds the mounts the kernel still has and
+//! watches their objects again.
 
 use std::collections::HashMap;
 use std::fs;
@@ -10,11 +12,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use fscache::fanotify::Frontend;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
 use super::core::Core;
+use super::frontend::Frontend;
 use super::images::{self, Image, ImageSpec};
 use super::protocol::{FrontendKind, MountRequest};
 
@@ -33,7 +35,8 @@ pub struct MountRecord {
     /// Only the EROFS index is mounted, at `dir` (= `lower`); no overlayfs.
     #[serde(default)]
     pub lower_only: bool,
-    /// cachefiles: the fsid of the mount's primary blob (absent for fanotify mounts).
+    /// cachefiles: the fsid of the mount's primary blob (absent for fanotify mounts; see
+    /// [`Frontend::claim`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fsid: Option<String>,
 }
@@ -42,8 +45,8 @@ pub struct MountRecord {
 pub struct Mounts {
     state: PathBuf,
     core: Arc<Core>,
-    /// The fanotify frontend; None when the daemon serves cachefiles (super::cachefiles).
-    frontend: Option<Arc<Frontend<Core>>>,
+    /// The kernel interface the worker serves.
+    frontend: Arc<dyn Frontend>,
     live: Mutex<HashMap<String, (MountRecord, Arc<Image>)>>,
     /// Held while objects are registered and marked, or released and unmarked: the first image to
     /// need an object marks it before any other image's mount can read it, and the last to let it go
@@ -80,7 +83,7 @@ fn mounted() -> Result<Vec<PathBuf>> {
 }
 
 impl Mounts {
-    pub fn new(state: &Path, core: Arc<Core>, frontend: Option<Arc<Frontend<Core>>>) -> Self {
+    pub fn new(state: &Path, core: Arc<Core>, frontend: Arc<dyn Frontend>) -> Self {
         Mounts {
             state: state.to_owned(),
             core,
@@ -98,22 +101,23 @@ impl Mounts {
     }
 
     /// The kernel interface this daemon serves.
+    pub fn frontend(&self) -> &dyn Frontend {
+        &*self.frontend
+    }
+
+    /// The kind of [`Mounts::frontend`].
     pub fn kind(&self) -> FrontendKind {
-        if self.frontend.is_some() {
-            FrontendKind::Fanotify
-        } else {
-            FrontendKind::Cachefiles
-        }
+        self.frontend.kind()
     }
 
     fn mounts_dir(&self) -> PathBuf {
         self.state.join("mounts")
     }
 
-    /// Watches the objects of `img` for the mount `key`: creates the sparse object files and marks the
-    /// ones that are not complete (once per object, however many images share it).
-    /// Registers the image's objects with the core (and marks the incomplete ones for the fanotify
-    /// frontend).
+    /// Registers the objects of `img` for the mount `key` with the core, and has the frontend prepare
+    /// each and watch the ones no other mounted image needed before (fanotify: creates the sparse
+    /// object files and marks the ones that are not complete, once per object however many images
+    /// share it).
     fn attach(&self, key: &str, img: &Image) -> Result<()> {
         let _one = self.attaching.lock().unwrap_or_else(|p| p.into_inner());
         self.core.add_image(
@@ -125,20 +129,15 @@ impl Mounts {
         );
         let mut hits = 0;
         for (i, e) in img.devices.iter().enumerate() {
-            let r =
-                self.core.register(key, e, &img.store).inspect_err(|_| self.detach_locked(key, &img.devices[..i]))?;
-            hits += u64::from(r.complete);
-            let Some(frontend) = &self.frontend else { continue };
-            if !r.first {
+            let complete = self.frontend.prepare(e).inspect_err(|_| self.detach_locked(key, &img.devices[..i]))?;
+            let first = self.core.register(key, e, &img.store);
+            hits += u64::from(complete);
+            if !first {
                 continue;
             }
-            let path = self.core.cache().path(&e.digest);
-            if r.complete {
-                // A mark a killed worker left on an object it had completed: drop it (no-op otherwise).
-                let _ = frontend.group().unmark(&path);
-            } else if let Err(err) = frontend.add(&path, &hex::encode(e.digest)) {
+            if let Err(err) = self.frontend.watch(e, complete) {
                 self.detach_locked(key, &img.devices[..=i]);
-                return Err(err).context("marking an object file for pre-content events");
+                return Err(err);
             }
         }
         self.core.count_cache_hits(key, hits);
@@ -153,11 +152,7 @@ impl Mounts {
     fn detach_locked(&self, key: &str, devices: &[crate::object::ObjectEntry]) {
         for e in devices {
             if self.core.release(key, &e.digest) {
-                let Some(frontend) = &self.frontend else { continue };
-                let path = self.core.cache().path(&e.digest);
-                if let Err(err) = frontend.remove(&path) {
-                    tracing::warn!(error = %err, path = %path.display(), "unwatching an object file");
-                }
+                self.frontend.unwatch(e);
             }
         }
         self.core.forget_image(key);
@@ -187,7 +182,7 @@ impl Mounts {
             Some(dir) => images::from_local(&self.state, dir, &spec)?,
             None => images::pull(&self.state, &spec)?,
         });
-        self.prefetch.warm(&id, &self.core, &img);
+        self.prefetch.warm(&id, &self.core, &img, self.frontend.object_files());
         // A mount that fails from here on stops those downloads.
         let mut warming = StopOnDrop(Some((&self.prefetch, &id)));
         let mdir = self.mounts_dir().join(&id);
@@ -216,20 +211,13 @@ impl Mounts {
         }
         let mut rec = rec;
         self.attach(&id, &img)?;
-        if self.frontend.is_none() {
-            match self.core.claim_primary(&img.id, &img.erofs_path(), &id) {
-                Ok(fsid) => rec.fsid = Some(fsid),
-                Err(e) => {
-                    self.detach(&id, &img.devices);
-                    return Err(e);
-                }
-            }
+        if let Err(e) = self.frontend.claim(&mut rec, &img) {
+            self.detach(&id, &img.devices);
+            return Err(e);
         }
         if let Err(e) = self.kernel_mount(&rec, &img) {
             self.detach(&id, &img.devices);
-            if let Some(f) = &rec.fsid {
-                self.core.remove_primary(f);
-            }
+            self.frontend.release(&rec);
             return Err(e);
         }
         crate::object::atomic::write_atomic(&mdir.join("record.json"), &serde_json::to_vec_pretty(&rec)?)?;
@@ -239,7 +227,7 @@ impl Mounts {
         });
         warming.0 = None;
         drop(warming);
-        self.prefetch.start(&id, &rec.lower, &img, &self.core);
+        self.prefetch.start(&id, &rec.lower, &img, &self.core, self.frontend.object_files());
         self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (rec, img));
         Ok(out)
     }
@@ -258,16 +246,7 @@ impl Mounts {
     }
 
     fn kernel_mount(&self, rec: &MountRecord, img: &Image) -> Result<()> {
-        if let Some(fsid) = &rec.fsid {
-            crate::mount::mount_erofs_fscache(fsid, super::cachefiles::DOMAIN, &rec.lower)?;
-        } else {
-            let devices: Vec<PathBuf> = img.devices.iter().map(|e| self.core.cache().path(&e.digest)).collect();
-            // Always direct I/O, even when every object is already complete (no marks): measured with
-            // scripts/bench-warm, a buffered mount of complete objects read cold at 0.70x plain+overlay
-            // against 0.77x for direct I/O in the same run (each object is its own file, so buffered
-            // readahead cannot run past it, and pages are cached twice).
-            crate::mount::mount_erofs_file(&img.erofs_path(), &rec.lower, &devices, true)?;
-        }
+        self.frontend.mount_lower(rec, img)?;
         if rec.lower_only {
             return Ok(());
         }
@@ -298,9 +277,7 @@ impl Mounts {
         }
         crate::mount::umount(&rec.lower)?;
         self.detach(&id, &img.devices);
-        if let Some(f) = &rec.fsid {
-            self.core.remove_primary(f);
-        }
+        self.frontend.release(&rec);
         self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         let mdir = self.mounts_dir().join(&id);
         if rec.own_upper {
@@ -368,11 +345,9 @@ impl Mounts {
                 .with_context(|| format!("loading image {} of the mount at {}", rec.image, rec.dir.display()))?,
         );
         self.attach(&rec.id, &img).with_context(|| format!("watching the objects of {}", rec.dir.display()))?;
-        if let Some(f) = &rec.fsid {
-            if let Err(e) = self.core.add_primary(f, &img.erofs_path(), &rec.id) {
-                self.detach(&rec.id, &img.devices);
-                return Err(e).with_context(|| format!("registering the index of {}", rec.dir.display()));
-            }
+        if let Err(e) = self.frontend.reclaim(&rec, &img) {
+            self.detach(&rec.id, &img.devices);
+            return Err(e).with_context(|| format!("registering the index of {}", rec.dir.display()));
         }
         self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(rec.id.clone(), (rec, img));
         Ok(true)
@@ -454,5 +429,215 @@ impl Drop for StopOnDrop<'_> {
         if let Some((p, key)) = self.0.take() {
             p.stop(key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::daemon::cache::NodeCache;
+    use crate::daemon::fetcher::{FetchOptions, Fetcher};
+    use crate::daemon::frontend::cachefiles::Cachefiles;
+
+    /// Mounts of a cachefiles worker: its frontend needs no kernel session until it serves, and none of
+    /// these tests reaches the kernel through it.
+    fn mounts(dir: &Path) -> Mounts {
+        let cache = NodeCache::open(&dir.join("cache")).unwrap();
+        let fetcher = Fetcher::new(FetchOptions {
+            concurrency: 1,
+            attempts: 1,
+            backoff: Duration::from_millis(10),
+            deadline: Duration::from_secs(10),
+            min_rate: 0.0,
+            spool_dir: cache.tmp_dir(),
+            delay: Duration::ZERO,
+        });
+        let core = Arc::new(Core::new(cache, fetcher));
+        let frontend = Arc::new(Cachefiles::new(Arc::clone(&core)));
+        Mounts::new(&dir.join("state"), core, frontend)
+    }
+
+    fn request(dir: &str) -> MountRequest {
+        MountRequest {
+            reference: "docker://127.0.0.1:5000/wisp/none:v1".into(),
+            dir: dir.into(),
+            upper: None,
+            work: None,
+            plain_http: true,
+            store: None,
+            frontend: FrontendKind::Auto,
+            index: None,
+            lower_only: false,
+        }
+    }
+
+    fn record(id: &str, dir: &Path, lower: &Path) -> MountRecord {
+        MountRecord {
+            id: id.into(),
+            image: "ab".repeat(32),
+            reference: "docker://127.0.0.1:5000/wisp/none:v1".into(),
+            dir: dir.into(),
+            lower: lower.into(),
+            upper: dir.join("upper"),
+            work: dir.join("work"),
+            own_upper: true,
+            lower_only: false,
+            fsid: None,
+        }
+    }
+
+    /// A tmpfs mounted for the test, unmounted when dropped.
+    struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        fn at(path: &Path) -> Tmpfs {
+            fs::create_dir_all(path).unwrap();
+            rustix::mount::mount("tmpfs", path, "tmpfs", rustix::mount::MountFlags::empty(), c"")
+                .unwrap_or_else(|e| panic!("mounting a tmpfs on {} (tests run as root): {e}", path.display()));
+            Tmpfs(path.to_owned())
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = crate::mount::umount(&self.0);
+        }
+    }
+
+    #[test]
+    fn mount_id_names_the_directory() {
+        // The first 8 bytes of sha256 of the path, in hex (`printf %s /mnt/a | sha256sum`): the name of
+        // the record directory under STATE/mounts, which a restarted worker must find again.
+        assert_eq!(mount_id(Path::new("/mnt/a")), "f72353b3dcd8f57a");
+        assert_eq!(mount_id(Path::new("/mnt/a b")), "2713cd21872bcfea");
+    }
+
+    #[test]
+    fn overlay_options_refuse_what_the_kernel_would_split() {
+        let rec = record("x", Path::new("/mnt/c"), Path::new("/s/mounts/x/lower"));
+        assert_eq!(
+            overlay_options(&rec).unwrap(),
+            "lowerdir=/s/mounts/x/lower,upperdir=/mnt/c/upper,workdir=/mnt/c/work"
+        );
+        for bad in ["/a,lowerdir=/etc", "/a:/etc", "/a\\,b", "/a\nb"] {
+            let e = check_overlay_path(Path::new(bad)).unwrap_err().to_string();
+            assert!(e.contains("overlayfs mount options cannot carry"), "{bad:?}: {e}");
+            let mut r = rec.clone();
+            r.upper = bad.into();
+            assert!(overlay_options(&r).is_err(), "{bad:?} as upper");
+        }
+        use std::os::unix::ffi::OsStrExt;
+        let e = check_overlay_path(Path::new(std::ffi::OsStr::from_bytes(b"/a\xff"))).unwrap_err().to_string();
+        assert!(e.contains("not valid UTF-8"), "{e}");
+        assert!(check_overlay_path(Path::new("/var/lib/wisp/mnt/a b")).is_ok(), "a space is fine");
+    }
+
+    #[test]
+    fn record_format() {
+        let rec = record("x", Path::new("/mnt/c"), Path::new("/s/lower"));
+        let v = serde_json::to_value(&rec).unwrap();
+        assert!(v.get("fsid").is_none(), "a fanotify record has no fsid: {v}");
+        assert_eq!(v["lower_only"], false);
+        let back: MountRecord = serde_json::from_value(v).unwrap();
+        assert_eq!((back.id, back.fsid), ("x".to_owned(), None));
+        // A record written before `lower_only` and `fsid` existed.
+        let old = r#"{"id":"x","image":"i","reference":"r","dir":"/d","lower":"/l","upper":"/u","work":"/w","own_upper":false}"#;
+        let r: MountRecord = serde_json::from_str(old).unwrap();
+        assert!(!r.lower_only && r.fsid.is_none());
+        let cf = MountRecord { fsid: Some("i.1".into()), ..r };
+        let back: MountRecord = serde_json::from_str(&serde_json::to_string(&cf).unwrap()).unwrap();
+        assert_eq!(back.fsid.as_deref(), Some("i.1"));
+    }
+
+    #[test]
+    fn mount_requests_refused_before_anything_is_made() {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let m = mounts(tmp.path());
+        assert_eq!(m.kind(), FrontendKind::Cachefiles);
+        let dir = tmp.path().join("mnt");
+        let cases = [
+            (
+                MountRequest { frontend: FrontendKind::Fanotify, ..request(dir.to_str().unwrap()) },
+                "serves the cachefiles",
+            ),
+            (request("relative/mnt"), "must be an absolute path"),
+            (request(&format!("{},x", dir.display())), "cannot carry ','"),
+            (MountRequest { upper: Some("/u:/etc".into()), ..request(dir.to_str().unwrap()) }, "cannot carry ':'"),
+            (MountRequest { work: Some("/w\\x".into()), ..request(dir.to_str().unwrap()) }, "cannot carry '\\\\'"),
+        ];
+        for (req, want) in cases {
+            let e = format!("{:#}", m.mount(&req).unwrap_err());
+            assert!(e.contains(want), "{req:?}: {e}");
+        }
+        assert!(!tmp.path().join("state/mounts").exists(), "no mount directory made");
+        assert!(!dir.exists(), "no mount point made");
+        assert!(m.list().is_empty());
+    }
+
+    #[test]
+    fn a_directory_is_reserved_once() {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let m = mounts(tmp.path());
+        let dir = Path::new("/mnt/a");
+        let r = m.reserve(&mount_id(dir), dir).unwrap();
+        let e = m.reserve(&mount_id(dir), dir).err().unwrap().to_string();
+        assert!(e.contains("still in progress"), "{e}");
+        assert!(m.reserve(&mount_id(Path::new("/mnt/b")), Path::new("/mnt/b")).is_ok(), "another directory");
+        drop(r);
+        assert!(m.reserve(&mount_id(dir), dir).is_ok(), "free again once the mount is over");
+        let e = m.umount(dir).unwrap_err().to_string();
+        assert!(e.contains("no wisp image is mounted there"), "{e}");
+    }
+
+    #[test]
+    fn mountinfo_names_are_unescaped() {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        // The kernel escapes space, tab, newline and backslash in /proc/self/mountinfo as octal.
+        let odd = tmp.path().join("a b\tc\nd\\e");
+        let _t = Tmpfs::at(&odd);
+        assert!(mounted().unwrap().contains(&odd), "{} not among the mount points", odd.display());
+    }
+
+    #[test]
+    fn restore_forgets_gone_mounts_and_keeps_broken_records() {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let m = mounts(tmp.path());
+        let records = tmp.path().join("state/mounts");
+        let write = |id: &str, bytes: &[u8]| {
+            fs::create_dir_all(records.join(id)).unwrap();
+            fs::write(records.join(id).join("record.json"), bytes).unwrap();
+        };
+        // Not mounted anymore: forgotten.
+        let gone = record("gone", &tmp.path().join("mnt-gone"), &tmp.path().join("lower-gone"));
+        write("gone", &serde_json::to_vec(&gone).unwrap());
+        // Does not parse: kept, and listed.
+        write("garbled", b"{\"id\": ");
+        // Still mounted, but its image is not in the state directory: kept, and listed.
+        let lower = tmp.path().join("lower-kept");
+        let _t = Tmpfs::at(&lower);
+        let kept = record("kept", &tmp.path().join("mnt-kept"), &lower);
+        write("kept", &serde_json::to_vec(&kept).unwrap());
+        // A directory without a record: nothing to restore.
+        fs::create_dir_all(records.join("empty")).unwrap();
+
+        assert_eq!(m.restore().unwrap(), 0);
+        assert!(!records.join("gone/record.json").exists(), "the record of a gone mount is dropped");
+        assert!(records.join("garbled/record.json").exists());
+        assert!(records.join("kept/record.json").exists());
+        let un = m.unrestored();
+        assert_eq!(un.len(), 2, "{un:?}");
+        let error_of = |id: &str| {
+            let path = records.join(id).join("record.json");
+            let u =
+                un.iter().find(|u| u["record"] == serde_json::json!(path)).unwrap_or_else(|| panic!("{id}: {un:?}"));
+            u["error"].as_str().unwrap().to_owned()
+        };
+        assert!(error_of("garbled").contains("parsing the mount record"));
+        let e = error_of("kept");
+        assert!(e.contains(&format!("loading image {}", kept.image)) && e.contains("mnt-kept"), "{e}");
+        assert!(m.list().is_empty());
+        assert!(m.core().report().is_empty(), "no image left registered");
     }
 }

@@ -4,12 +4,13 @@
 //! * Recording: the core keeps, per mount, the order in which objects were filled. [`accessed`] maps
 //!   those digests to paths of the image (the first path naming each object, from the EROFS index) at
 //!   request time, off the fill path.
-//! * Ahead of the mount: [`Prefetches::warm`] downloads the listed objects while the mount is set up, and
-//!   the fetcher holds them for their first fill.
+//! * Ahead of the mount (fanotify): [`Prefetches::warm`] downloads the listed objects while the mount
+//!   is set up, and the fetcher holds them for their first fill.
 //! * Prefetch: [`Prefetches::start`] runs a few threads that each read one byte of the next listed
-//!   file through the mounted EROFS lower. That raises the ordinary pre-content event, so the ordinary
-//!   verified fill does the work, whatever the frontend. They use at most [`PARALLEL`] of the fill
-//!   workers, so on-demand reads always find free ones; umount stops them ([`Prefetches::stop`]).
+//!   file through the mounted EROFS lower. That raises the frontend's ordinary request (a pre-content
+//!   event, or a cachefiles READ), so the ordinary verified fill does the work, whatever the
+//!   frontend. They use at most [`PARALLEL`] of the fill workers, so on-demand reads always find free
+//!   ones; umount stops them ([`Prefetches::stop`]).
 
 use std::collections::HashMap;
 use std::io::Read as _;
@@ -111,8 +112,9 @@ impl Prefetches {
     }
 
     /// Starts prefetching the list of `img`, mounted as `key` with its EROFS lower at `lower`. Returns
-    /// at once; does nothing when the image has no list.
-    pub fn start(&self, key: &str, lower: &Path, img: &Arc<Image>, core: &Arc<Core>) {
+    /// at once; does nothing when the image has no list. `object_files`: the frontend's object files
+    /// are the node cache (their completeness records say what a read filled).
+    pub fn start(&self, key: &str, lower: &Path, img: &Arc<Image>, core: &Arc<Core>, object_files: bool) {
         if img.prefetch.is_empty() {
             return;
         }
@@ -120,7 +122,7 @@ impl Prefetches {
         let (c, k, l, i, core, list) =
             (Arc::clone(&cancel), key.to_owned(), lower.to_owned(), Arc::clone(img), Arc::clone(core), self.list(key));
         let spawned = std::thread::Builder::new().name("wisp-prefetch".into()).spawn(move || {
-            if let Err(e) = run(&core, &k, &l, &i, &list, &c) {
+            if let Err(e) = run(&core, &k, &l, &i, &list, &c, object_files) {
                 tracing::warn!(mount = %k, error = %format!("{e:#}"), "prefetch failed");
             }
             core.prefetch_done(&k);
@@ -139,10 +141,11 @@ impl Prefetches {
     /// Starts downloading the listed objects of `img` that the node cache lacks, [`PARALLEL`] at a time,
     /// before the image is mounted: the fetcher holds each verified object for its first fill
     /// ([`super::fetcher::Fetcher::warm`]), so the downloads overlap the mount's local set-up (object
-    /// files, marks, the EROFS mount with one device per object). Only for the fanotify frontend, whose
-    /// node cache says which objects are complete; returns at once. [`Prefetches::stop`] ends it.
-    pub fn warm(&self, key: &str, core: &Arc<Core>, img: &Arc<Image>) {
-        if img.prefetch.is_empty() || !core.node_files() {
+    /// files, marks, the EROFS mount with one device per object). Only when the frontend's object files
+    /// are the node cache (`object_files`, fanotify), which then says which objects are complete;
+    /// returns at once. [`Prefetches::stop`] ends it.
+    pub fn warm(&self, key: &str, core: &Arc<Core>, img: &Arc<Image>, object_files: bool) {
+        if img.prefetch.is_empty() || !object_files {
             return;
         }
         let cancel = Arc::new(AtomicBool::new(false));
@@ -202,7 +205,15 @@ impl Prefetches {
     }
 }
 
-fn run(core: &Core, key: &str, lower: &Path, img: &Image, list: &Listed, cancel: &AtomicBool) -> Result<()> {
+fn run(
+    core: &Core,
+    key: &str,
+    lower: &Path,
+    img: &Image,
+    list: &Listed,
+    cancel: &AtomicBool,
+    object_files: bool,
+) -> Result<()> {
     let todo: Vec<(PathBuf, Digest)> = resolve(list, core, img)?
         .iter()
         .map(|(p, d)| (lower.join(std::ffi::OsStr::from_bytes(p.strip_prefix(b"/").unwrap_or(p))), *d))
@@ -221,7 +232,7 @@ fn run(core: &Core, key: &str, lower: &Path, img: &Image, list: &Listed, cancel:
                 let r = std::fs::File::open(path).and_then(|mut f| f.read(&mut [0u8; 1]));
                 match r {
                     // cachefiles keeps no completeness record of ours: a read that succeeded was filled.
-                    Ok(_) if !core.node_files() || core.cache().is_complete(digest) => core.count_prefetched(key),
+                    Ok(_) if !object_files || core.cache().is_complete(digest) => core.count_prefetched(key),
                     Ok(_) => {}
                     Err(e) => tracing::debug!(path = %path.display(), error = %e, "prefetch read"),
                 }

@@ -9,7 +9,8 @@
 //!
 //! With the cachefiles frontend it holds the bound `/dev/cachefiles` session instead of the group
 //! (closing it would fail every outstanding request and leave the mounts broken, docs/kernel.md A.6); a
-//! new worker sends `restore` (super::cachefiles).
+//! new worker sends `restore` (super::frontend::cachefiles). Which session it holds is chosen once, at
+//! start ([`Session::open`]).
 //!
 //! SIGTERM/SIGINT: the worker is asked to unmount every image; the supervisor exits only when none is
 //! left mounted (a mounted image without its group would read zeros), or on a second signal.
@@ -23,15 +24,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use fscache::fanotify::Group;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use rustix::fs::{Mode, OFlags};
 
-use super::protocol::FrontendKind;
+use super::frontend::Session;
 use super::protocol::{self, Request};
-use super::worker::{FDS_LABEL, FDS_LABEL_CACHEFILES};
 use super::Config;
 
 pub fn run(cfg: &Config) -> Result<()> {
@@ -42,7 +41,7 @@ pub fn run(cfg: &Config) -> Result<()> {
     }
     let exe = Exe::open()?;
     let cache = super::cache::NodeCache::open(&cfg.cache)?;
-    let kernel = Kernel::open(cfg.frontend, &cache)?;
+    let session = Session::open(cfg.frontend, &cache)?;
     let sock_path = protocol::socket_path(&cfg.state);
     if UnixStream::connect(&sock_path).is_ok() {
         anyhow::bail!("another wisp daemon answers on {}", sock_path.display());
@@ -61,10 +60,10 @@ pub fn run(cfg: &Config) -> Result<()> {
     let mut stopping = 0u32;
     let mut child: Option<Child> = None;
     let mut restart = Restart::default();
-    tracing::info!(socket = %sock_path.display(), frontend = kernel.name(), exe = %exe.path.display(), "wisp daemon started");
+    tracing::info!(socket = %sock_path.display(), frontend = session.name(), exe = %exe.path.display(), "wisp daemon started");
     loop {
         if child.is_none() && restart.due() {
-            match spawn_worker(cfg, &exe, &kernel, &listener) {
+            match spawn_worker(cfg, &exe, &session, &listener) {
                 Ok(c) => {
                     tracing::info!(pid = c.id(), "worker started");
                     restart.started();
@@ -95,7 +94,7 @@ pub fn run(cfg: &Config) -> Result<()> {
                 let Some(status) = c.try_wait()? else { continue };
                 child = None;
                 let wait = restart.died();
-                tracing::error!(%status, frontend = kernel.name(), restart_in = ?wait,
+                tracing::error!(%status, frontend = session.name(), restart_in = ?wait,
                     "worker died; starting a new one with the same kernel session");
             }
             Ok(Signal::SIGTERM | Signal::SIGINT) => {
@@ -235,46 +234,6 @@ fn shutdown_worker(sock: &Path, state: &Path) -> Vec<PathBuf> {
     }
 }
 
-/// The kernel session the supervisor holds for its workers.
-enum Kernel {
-    Fanotify(Group),
-    Cachefiles(fscache::cachefiles::Device),
-}
-
-impl Kernel {
-    /// `--frontend auto`: fanotify when the kernel has pre-content events (6.14+), else cachefiles.
-    fn open(kind: FrontendKind, cache: &super::cache::NodeCache) -> Result<Kernel> {
-        let fanotify = || -> Result<Kernel> {
-            let group =
-                Group::new().context("the fanotify frontend needs fanotify pre-content events (Linux 6.14+)")?;
-            group
-                .probe(&cache.root().join("objects"))
-                .context("the fanotify frontend needs pre-content marks on the cache directory")?;
-            Ok(Kernel::Fanotify(group))
-        };
-        let cachefiles = || -> Result<Kernel> {
-            super::cachefiles::check_erofs_ondemand()?;
-            Ok(Kernel::Cachefiles(super::cachefiles::open_bound(cache.root())?))
-        };
-        match kind {
-            FrontendKind::Fanotify => fanotify(),
-            FrontendKind::Cachefiles => cachefiles(),
-            FrontendKind::Auto => fanotify().or_else(|fe| {
-                tracing::info!(reason = %format!("{fe:#}"), "fanotify frontend unavailable; trying cachefiles");
-                cachefiles()
-                    .map_err(|ce| anyhow::anyhow!("no usable kernel interface: fanotify: {fe:#}; cachefiles: {ce:#}"))
-            }),
-        }
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Kernel::Fanotify(_) => "fanotify",
-            Kernel::Cachefiles(_) => "cachefiles",
-        }
-    }
-}
-
 /// glibc malloc settings of the worker (unless GLIBC_TUNABLES is set already). Whole objects pass
 /// through its memory (fetched, verified, written out), from 16+ threads. By default glibc raises its
 /// mmap threshold to the largest block freed so far (up to 32 MiB), so later object buffers come from
@@ -289,7 +248,7 @@ const WORKER_MALLOC: &str = "glibc.malloc.mmap_threshold=131072:glibc.malloc.are
 /// the node waits. The worker never gets a lower score than the supervisor's own.
 const WORKER_OOM_SCORE_ADJ: i32 = -500;
 
-fn spawn_worker(cfg: &Config, exe: &Exe, kernel: &Kernel, listener: &UnixListener) -> Result<Child> {
+fn spawn_worker(cfg: &Config, exe: &Exe, session: &Session, listener: &UnixListener) -> Result<Child> {
     let (ours, theirs) = UnixStream::pair().context("socketpair")?;
     let mut cmd = Command::new(format!("/proc/self/fd/{}", exe.fd.as_raw_fd()));
     cmd.arg0(&exe.path).arg("daemon").arg("--worker").args(cfg.to_args()).stdin(Stdio::from(OwnedFd::from(theirs)));
@@ -298,10 +257,7 @@ fn spawn_worker(cfg: &Config, exe: &Exe, kernel: &Kernel, listener: &UnixListene
     }
     let mut child = cmd.spawn().with_context(|| format!("starting a worker from {}", exe.path.display()))?;
     set_oom_score_adj(child.id());
-    let (label, fd) = match kernel {
-        Kernel::Fanotify(g) => (FDS_LABEL, g.as_fd()),
-        Kernel::Cachefiles(d) => (FDS_LABEL_CACHEFILES, d.as_fd()),
-    };
+    let (label, fd) = session.handover();
     if let Err(e) = fscache::fdpass::send_fds(&ours, label, &[fd, listener.as_fd()]) {
         let _ = child.kill();
         let _ = child.wait();

@@ -4,6 +4,7 @@
 //! ([`types`]). What wisp stores in them, its index image, is [`crate::index`].
 
 pub mod archive;
+pub mod hosts;
 pub mod layout;
 pub mod registry;
 pub mod types;

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use anyhow::{anyhow, Context, Result};
 use erofs::tree::{Extent, FileData, Inode, InodeId, Kind, Metadata, Tree};
 
-use crate::objects::ObjectDir;
+use crate::object::dir::ObjectDir;
 
 /// A walked directory: the tree, and for each regular file's `source` handle the path it came from.
 #[derive(Debug)]

@@ -273,7 +273,7 @@ fn unpacked_objects(snap_root: &Path) -> Vec<Vec<(String, String, u64)>> {
     for e in fs::read_dir(snap_root.join("snapshots")).unwrap() {
         let map = e.unwrap().path().join("fs/wisp/objects.map");
         if let Ok(bytes) = fs::read(&map) {
-            let m = wisp::oci::objmap::decode(&bytes).unwrap();
+            let m = wisp::index::objmap::decode(&bytes).unwrap();
             out.push(m.iter().map(|e| (hex::encode(e.digest), e.blob_digest(), e.stored_size)).collect());
         }
     }

@@ -34,7 +34,7 @@ fn can_mount() -> bool {
 fn devices_of(image: &Path, objects: &Path) -> Vec<PathBuf> {
     let bytes = std::fs::read(image).unwrap();
     let img = erofs::reader::Image::open(bytes.as_slice()).unwrap();
-    let dir = wisp::objects::ObjectDir::new(objects);
+    let dir = wisp::object::dir::ObjectDir::new(objects);
     img.devices().iter().map(|d| dir.path(&d.digest.expect("device tag is a sha256"))).collect()
 }
 

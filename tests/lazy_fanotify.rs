@@ -108,8 +108,8 @@ fn auth_probes(log: &Path, offset: u64) -> usize {
 
 /// The object map of an image the daemon pulled: content digest -> blob digest (as served).
 fn object_blobs(state: &Path, image_id: &str) -> Vec<(String, String)> {
-    let map =
-        wisp::oci::objmap::decode(&fs::read(state.join("images").join(image_id).join("objects.map")).unwrap()).unwrap();
+    let map = wisp::index::objmap::decode(&fs::read(state.join("images").join(image_id).join("objects.map")).unwrap())
+        .unwrap();
     map.iter().map(|e| (hex::encode(e.digest), e.blob_digest())).collect()
 }
 

@@ -26,7 +26,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use sha2::{Digest as _, Sha256};
 use wisp::daemon::fetcher::{FetchOptions, Fetcher};
-use wisp::oci::objmap::{Compression, ObjectEntry};
+use wisp::object::{Compression, ObjectEntry};
 use wisp::oci::registry::Registry;
 use wisp::oci::{Repo, TransportOptions};
 use wisp::store::{ObjectStore, RepoStore};

@@ -134,7 +134,7 @@ impl Daemon {
         let st = wisp::daemon::protocol::call(&sock, &wisp::daemon::protocol::Request::Status, None).unwrap();
         let id = st["mounts"][0]["image"].as_str().unwrap().to_owned();
         let map = fs::read(self.state.join("images").join(id).join("objects.map")).unwrap();
-        wisp::oci::objmap::decode(&map).unwrap().iter().map(|e| e.blob_digest()).collect()
+        wisp::index::objmap::decode(&map).unwrap().iter().map(|e| e.blob_digest()).collect()
     }
 }
 

@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
+use crate::changeset::limits::{parse_size, Limits};
 use crate::convert::{convert, ConvertOptions, ConvertSummary};
 use crate::oci::{self, ImageRef, TransportOptions};
 use crate::store::{self, StoreSpec};
-use crate::tree::limits::{parse_size, Limits};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -40,7 +40,7 @@ pub struct Args {
     /// the objects upload to a registry (the index is built while they upload), else zstd:9
     /// (docs/convert.md).
     #[arg(long)]
-    index_compression: Option<oci::index_image::LayerCompression>,
+    index_compression: Option<crate::index::LayerCompression>,
     /// Fingerprinting threads (besides the one reading layers).
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -125,10 +125,10 @@ pub fn run(a: Args) -> Result<()> {
         Arc::from(oci::open(&a.dst, &topts, true).with_context(|| format!("opening {}", a.dst))?);
     let store = store::open(a.store.as_ref(), &a.dst, Arc::clone(&dst), true)?;
     let uploads = a.store.is_none() && matches!(a.dst, ImageRef::Docker { .. });
-    let index_compression = a.index_compression.unwrap_or(oci::index_image::LayerCompression::Zstd(if uploads {
-        oci::index_image::INDEX_ZSTD_LEVEL_UPLOAD
+    let index_compression = a.index_compression.unwrap_or(crate::index::LayerCompression::Zstd(if uploads {
+        crate::index::INDEX_ZSTD_LEVEL_UPLOAD
     } else {
-        oci::index_image::INDEX_ZSTD_LEVEL
+        crate::index::INDEX_ZSTD_LEVEL
     }));
     let opts = ConvertOptions {
         inline_max: a.inline_max,

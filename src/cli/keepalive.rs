@@ -26,7 +26,7 @@ pub fn run(a: Args) -> Result<()> {
         false,
     )
     .with_context(|| format!("opening {}", a.image))?;
-    for t in oci::index_image::retag(&*repo)? {
+    for t in crate::index::retag(&*repo)? {
         eprintln!("wisp keepalive: tagged {t}");
     }
     Ok(())

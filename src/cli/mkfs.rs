@@ -1,14 +1,13 @@
 //! `wisp mkfs [--external OBJECTS_DIR] SRC_DIR OUT.erofs`
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::fswalk::{self, DirContent};
-use crate::objects::ObjectDir;
+use crate::object::atomic::write_atomic_with;
+use crate::object::dir::ObjectDir;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -41,7 +40,7 @@ pub fn run(args: Args) -> Result<()> {
         pb.finish_and_clear();
         external = Some(stats);
     }
-    let stats = write_atomically(&args.out, |out| {
+    let stats = write_atomic_with(&args.out, |out| {
         let mut content = Content(DirContent::new(&walked.sources));
         erofs::writer::write_image(&walked.tree, &mut content, out, &erofs::writer::WriteOptions::default())
             .map_err(anyhow::Error::from)
@@ -60,26 +59,4 @@ pub fn run(args: Args) -> Result<()> {
     }
     eprintln!("{line} in {:.2}s", start.elapsed().as_secs_f64());
     Ok(())
-}
-
-/// Writes `path` through a temporary file in the same directory and renames it into place, so a failed
-/// run leaves no partial image behind.
-pub(crate) fn write_atomically<T>(path: &Path, f: impl FnOnce(&mut dyn Write) -> Result<T>) -> Result<T> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().context("output path has no file name")?;
-    let tmp = dir.join(format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id()));
-    let result = (|| {
-        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
-        let value = f(&mut out)?;
-        let file =
-            out.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", tmp.display()))?;
-        file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-        Ok(value)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }

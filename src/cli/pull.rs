@@ -44,7 +44,7 @@ pub fn run(a: Args) -> Result<()> {
     let repo: Arc<dyn oci::Repo> =
         Arc::from(oci::open(&a.image, &topts, false).with_context(|| format!("opening {}", a.image))?);
     let store = store::open(a.store.as_ref(), &a.image, Arc::clone(&repo), false)?;
-    let s = crate::convert::eager::pull_eager(&*repo, &*store, &a.dir, a.jobs, !a.json)?;
+    let s = crate::pull::pull_eager(&*repo, &*store, &a.dir, a.jobs, !a.json)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {

@@ -6,17 +6,17 @@ use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read};
 
 use anyhow::{Context, Result};
-use erofs::tree::{Extent, FileData, InodeId};
+use erofs::tree::{Digest, Extent, FileData, InodeId, Kind};
 use erofs::writer::MemorySource;
 
 use super::workers::{self, stream_to, Pool};
+use crate::changeset::entry::{self, EntryKind};
+use crate::changeset::limits::{Bounded, Counter, CountingReader, LimitError, Limits};
+use crate::changeset::merge::Merger;
+use crate::changeset::sparse::Expand;
+use crate::changeset::tarstream::TarReader;
 use crate::oci::types::Descriptor;
 use crate::oci::Repo;
-use crate::tree::entry::{self, EntryKind};
-use crate::tree::limits::{Bounded, Counter, CountingReader, LimitError, Limits};
-use crate::tree::merge::Merger;
-use crate::tree::sparse::Expand;
-use crate::tree::tarstream::TarReader;
 
 /// A decompressing reader chosen by the stream's first bytes.
 enum Decompressed<R: BufRead> {
@@ -72,8 +72,12 @@ impl<R: BufRead> Read for Decompressed<R> {
 /// What the layer pass produced.
 #[derive(Debug, Default)]
 pub struct LayerPass {
-    /// Files waiting for their digest: job id -> inode.
+    /// Files whose content went to the fingerprinting workers: job id -> inode. The merge applies
+    /// entries in tar order while the workers hash, so such an inode is created with a zero digest;
+    /// [`resolve_digests`] gives each its own once every job has ended, and nothing else writes it.
     pub pending: HashMap<usize, InodeId>,
+    /// Digests of the jobs that have ended so far: job id -> content digest.
+    pub digests: HashMap<usize, Digest>,
     /// Contents of files kept inside the index.
     pub inline: MemorySource,
     pub entries: u64,
@@ -123,7 +127,9 @@ pub fn apply_layers(
         // Fail fast: a worker error names the layer and the entry itself.
         for r in pool.try_results() {
             match r.result {
-                Ok(d) => pending_done(merger, pass, r.id, d),
+                Ok(d) => {
+                    pass.digests.insert(r.id, d);
+                }
                 Err(e) => return Err(e.context(what)),
             }
         }
@@ -131,15 +137,18 @@ pub fn apply_layers(
     Ok(())
 }
 
-/// Records a file's digest in its inode.
-pub fn pending_done(merger: &mut Merger, pass: &mut LayerPass, id: usize, digest: erofs::tree::Digest) {
-    if let Some(inode) = pass.pending.remove(&id) {
-        if let erofs::tree::Kind::Regular(FileData::External { digest: d, .. }) =
-            &mut merger.tree_mut().inodes[inode].kind
-        {
-            *d = digest;
+/// Gives every file whose content the workers fingerprinted its digest, once all jobs have ended and
+/// their digests are in `pass.digests`: the one place a pending inode's zero digest is replaced.
+pub fn resolve_digests(merger: &mut Merger, pass: &mut LayerPass) -> Result<()> {
+    let tree = merger.tree_mut();
+    for (id, inode) in pass.pending.drain() {
+        let digest =
+            pass.digests.get(&id).with_context(|| format!("internal error: file job {id} ended without a digest"))?;
+        if let Kind::Regular(FileData::External { digest: d, .. }) = &mut tree.inodes[inode].kind {
+            *d = *digest;
         }
     }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -239,7 +248,7 @@ pub fn ingest_tar<R: Read>(
         let mut data = ar.data();
         let Some(parsed) = entry::parse(&member, &mut data)? else { continue };
         pass.entries += 1;
-        let name = crate::tree::show_bytes(&parsed.name);
+        let name = crate::changeset::show_bytes(&parsed.name);
         last.clone_from(&name);
         let entries = pass.entries + merger.implicit_dirs();
         if entries > limits.max_entries {

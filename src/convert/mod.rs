@@ -5,9 +5,7 @@
 //! then the objects that a surviving path references are stored (each atomically, existing ones
 //! skipped); then the index image's blobs and manifests; its tag last.
 
-pub mod eager;
 pub mod layers;
-pub mod progress;
 pub mod workers;
 
 use std::collections::{BTreeMap, HashMap};
@@ -19,11 +17,12 @@ use anyhow::{Context, Result};
 use erofs::tree::{Digest, FileData, Kind};
 use serde::Serialize;
 
-use crate::oci::objmap::ObjectEntry;
-use crate::oci::{index_image, Repo};
+use crate::changeset::merge::{reachable, Merger};
+use crate::index;
+use crate::object::ObjectEntry;
+use crate::oci::Repo;
 use crate::store::compress::CompressOptions;
 use crate::store::ObjectStore;
-use crate::tree::merge::{reachable, Merger};
 
 /// Files up to this size stay inside the index (docs/convert.md has the measurement).
 pub const DEFAULT_INLINE_MAX: u64 = 2048;
@@ -33,14 +32,14 @@ pub struct ConvertOptions {
     pub inline_max: u64,
     pub compress: CompressOptions,
     pub workers: usize,
-    pub index_compression: index_image::LayerCompression,
+    pub index_compression: index::LayerCompression,
     /// Parallel object uploads.
     pub upload_jobs: usize,
     pub progress: bool,
     /// A startup prefetch list (its name for errors, its text) to ship as `wisp/prefetch.list`.
     pub prefetch: Option<(String, Vec<u8>)>,
     /// What the source's layers may cost (entries, sizes, expansion, metadata, memory).
-    pub limits: crate::tree::limits::Limits,
+    pub limits: crate::changeset::limits::Limits,
 }
 
 impl Default for ConvertOptions {
@@ -49,11 +48,11 @@ impl Default for ConvertOptions {
             inline_max: DEFAULT_INLINE_MAX,
             compress: CompressOptions::default(),
             workers: 2,
-            index_compression: index_image::LayerCompression::Zstd(index_image::INDEX_ZSTD_LEVEL),
+            index_compression: index::LayerCompression::Zstd(index::INDEX_ZSTD_LEVEL),
             upload_jobs: 8,
             progress: false,
             prefetch: None,
-            limits: crate::tree::limits::Limits::default(),
+            limits: crate::changeset::limits::Limits::default(),
         }
     }
 }
@@ -139,7 +138,7 @@ pub fn convert(
     let mut pool = workers::Pool::new(opts.workers, &staging.0, Arc::clone(&store), opts.compress);
     let mut merger = Merger::new();
     let mut pass = layers::LayerPass::default();
-    let pb = opts.progress.then(|| progress::bytes(sum.layer_bytes_compressed, "layers"));
+    let pb = opts.progress.then(|| crate::progress::bytes(sum.layer_bytes_compressed, "layers"));
     let applied = layers::apply_layers(
         src,
         &source.manifest.layers,
@@ -156,16 +155,15 @@ pub fn convert(
     }
     applied?;
     for r in results {
-        let d = r.result?;
-        layers::pending_done(&mut merger, &mut pass, r.id, d);
+        pass.digests.insert(r.id, r.result?);
     }
-    anyhow::ensure!(pass.pending.is_empty(), "internal error: {} files without a digest", pass.pending.len());
+    layers::resolve_digests(&mut merger, &mut pass)?;
     sum.tar_entries = pass.entries;
     sum.tar_file_bytes = pass.uncompressed_bytes;
     sum.merge_seconds = start.elapsed().as_secs_f64();
     let tree = merger.into_tree();
     let prefetch = match &opts.prefetch {
-        Some((name, text)) => Some(index_image::check_prefetch(&tree, text, name)?),
+        Some((name, text)) => Some(index::check_prefetch(&tree, text, name)?),
         None => None,
     };
 
@@ -203,7 +201,7 @@ pub fn convert(
     let entries: HashMap<Digest, ObjectEntry> = todo.iter().map(|(e, _)| (e.digest, *e)).collect();
     for e in entries.values() {
         sum.objects_stored_bytes += e.stored_size;
-        if e.compression == crate::oci::objmap::Compression::Zstd {
+        if e.compression == crate::object::Compression::Zstd {
             sum.objects_compressed += 1;
         }
     }
@@ -212,7 +210,7 @@ pub fn convert(
     let (stored, built, index_start) = std::thread::scope(|s| {
         let index = s.spawn(|| {
             let t = Instant::now();
-            let built = index_image::build(
+            let built = index::build(
                 &tree,
                 &pass.inline,
                 &entries,
@@ -240,7 +238,7 @@ pub fn convert(
     sum.index_map_bytes = built.map_bytes;
     sum.index_layer_bytes = built.layer.len() as u64;
     sum.object_lists = built.object_lists.len();
-    sum.index_digest = index_image::push(dst, &built)?;
+    sum.index_digest = index::push(dst, &built)?;
     sum.index_build_seconds = build_seconds;
     sum.index_seconds = index_start.elapsed().as_secs_f64();
     sum.total_seconds = start.elapsed().as_secs_f64();
@@ -256,7 +254,7 @@ fn store_objects(
     opts: &ConvertOptions,
 ) -> Result<(u64, u64)> {
     let pending: Vec<&(ObjectEntry, Option<PathBuf>)> = todo.iter().filter(|(_, p)| p.is_some()).collect();
-    let pb = opts.progress.then(|| progress::count(pending.len() as u64, "objects"));
+    let pb = opts.progress.then(|| crate::progress::count(pending.len() as u64, "objects"));
     let next = Mutex::new(0usize);
     let counts = Mutex::new((0u64, 0u64));
     let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);

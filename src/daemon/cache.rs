@@ -21,7 +21,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use anyhow::{Context, Result};
 use erofs::tree::Digest;
 
-use crate::objects::padded_len;
+use crate::object::atomic::{self, Place};
+use crate::object::padded_len;
 
 /// The xattr that marks a complete, verified object file.
 pub const COMPLETE_XATTR: &str = "user.wisp.complete";
@@ -82,8 +83,7 @@ impl NodeCache {
 
     /// The object file of `digest`.
     pub fn path(&self, digest: &Digest) -> PathBuf {
-        let hex = hex::encode(digest);
-        self.root.join("objects").join(&hex[..2]).join(hex)
+        crate::object::path_in(&self.root.join("objects"), digest)
     }
 
     /// Makes sure the object file exists with the padded size of `size` content bytes. Returns whether
@@ -112,18 +112,21 @@ impl NodeCache {
         // request placed meanwhile (and the frontend may have marked already) is never swapped for a
         // new inode. Two requests of one process used to share one temporary name and break each
         // other's rename (issue 20: 30 of 32 concurrent mounts failed).
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{}.new-", hex::encode(digest)))
-            .tempfile_in(dir)
-            .with_context(|| format!("creating a temporary object file in {}", dir.display()))?;
-        tmp.as_file().set_len(want).with_context(|| format!("sizing {}", tmp.path().display()))?;
-        match tmp.persist_noclobber(&path) {
-            Ok(_) => Ok(false),
-            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {
-                // Placed by a concurrent request: it was sized before it got its name.
-                Ok(self.is_complete(digest))
-            }
-            Err(e) => Err(e.error).with_context(|| format!("placing {}", path.display())),
+        let ((), placed) = atomic::create(&path, Place::NoClobber, |tmp| {
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(tmp)
+                .with_context(|| format!("creating a temporary object file in {}", dir.display()))?;
+            f.set_len(want).with_context(|| format!("sizing {}", tmp.display()))
+        })
+        .with_context(|| format!("placing {}", path.display()))?;
+        if placed {
+            Ok(false)
+        } else {
+            // Placed by a concurrent request: it was sized before it got its name.
+            Ok(self.is_complete(digest))
         }
     }
 

@@ -15,7 +15,7 @@ use fscache::backend::{Errno, FillSink, Opened};
 use super::cache::NodeCache;
 use super::fetcher::{Fetcher, Joined};
 use super::stats::{ImageStats, StatsReport};
-use crate::oci::objmap::ObjectEntry;
+use crate::object::ObjectEntry;
 use crate::store::ObjectStore;
 
 /// An object some mounted image needs.
@@ -213,7 +213,7 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::daemon::fetcher::FetchOptions;
-    use crate::oci::objmap::{Compression, ObjectEntry};
+    use crate::object::{Compression, ObjectEntry};
     use crate::store::dir::DirStore;
 
     fn core(cache: &Path) -> Core {

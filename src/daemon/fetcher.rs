@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use erofs::tree::Digest;
 use nix::errno::Errno;
 
-use crate::oci::objmap::ObjectEntry;
+use crate::object::ObjectEntry;
 use crate::store::{fetch_verified_by, ObjectStore};
 
 /// Objects above this size are spooled to a file instead of memory.
@@ -503,7 +503,7 @@ mod tests {
             blob: d,
             size: data.len() as u64,
             stored_size: data.len() as u64,
-            compression: crate::oci::objmap::Compression::None,
+            compression: crate::object::Compression::None,
         }
     }
 

@@ -4,7 +4,7 @@
 //! ```text
 //! index.erofs    the EROFS index, mounted file-backed (fanotify) or served as the mount's primary
 //!                blob (cachefiles)
-//! objects.map    the object map (src/oci/objmap.rs format)
+//! objects.map    the object map (src/index/objmap.rs format)
 //! image.json     how to reach the image's objects again after a daemon restart
 //! prefetch.list  the startup prefetch list, when the index image has one
 //! ```
@@ -19,9 +19,11 @@ use anyhow::{Context, Result};
 use erofs::tree::Digest;
 use serde::{Deserialize, Serialize};
 
-use crate::oci::layout::write_atomic;
-use crate::oci::objmap::{self, ObjectEntry};
-use crate::oci::{self, index_image, ImageRef, TransportOptions};
+use crate::index;
+use crate::index::objmap;
+use crate::object::atomic::write_atomic;
+use crate::object::ObjectEntry;
+use crate::oci::{self, ImageRef, TransportOptions};
 use crate::store::{self, ObjectStore, StoreSpec};
 
 /// Where an image and its objects come from.
@@ -86,7 +88,7 @@ fn open_store(spec: &ImageSpec) -> Result<Opened> {
 /// files were written after the layer's digest was verified, and a manifest digest pins its layer.
 pub fn pull(state: &Path, spec: &ImageSpec) -> Result<Image> {
     let (r, repo, store) = open_store(spec)?;
-    let (digest, manifest) = index_image::resolve(&*repo).with_context(|| format!("reading the index image {r}"))?;
+    let (digest, manifest) = index::resolve(&*repo).with_context(|| format!("reading the index image {r}"))?;
     let id = digest.trim_start_matches("sha256:").to_owned();
     let dir = images_dir(state).join(&id);
     // One pull per index at a time: the pods of one image started together download its index once;
@@ -98,7 +100,7 @@ pub fn pull(state: &Path, spec: &ImageSpec) -> Result<Image> {
         return Ok(img);
     }
     let pulled =
-        index_image::read_layer(&*repo, digest, &manifest).with_context(|| format!("reading the index image {r}"))?;
+        index::read_layer(&*repo, digest, &manifest).with_context(|| format!("reading the index image {r}"))?;
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     write_atomic(&dir.join("objects.map"), &objmap::encode(&pulled.objects))?;
     if let Some(list) = &pulled.prefetch {

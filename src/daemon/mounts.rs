@@ -144,12 +144,12 @@ impl Mounts {
         Ok(())
     }
 
-    fn detach(&self, key: &str, devices: &[crate::oci::objmap::ObjectEntry]) {
+    fn detach(&self, key: &str, devices: &[crate::object::ObjectEntry]) {
         let _one = self.attaching.lock().unwrap_or_else(|p| p.into_inner());
         self.detach_locked(key, devices);
     }
 
-    fn detach_locked(&self, key: &str, devices: &[crate::oci::objmap::ObjectEntry]) {
+    fn detach_locked(&self, key: &str, devices: &[crate::object::ObjectEntry]) {
         for e in devices {
             if self.core.release(key, &e.digest) {
                 self.frontend.unwatch(e);
@@ -220,7 +220,7 @@ impl Mounts {
             self.frontend.release(&rec);
             return Err(e);
         }
-        crate::oci::layout::write_atomic(&mdir.join("record.json"), &serde_json::to_vec_pretty(&rec)?)?;
+        crate::object::atomic::write_atomic(&mdir.join("record.json"), &serde_json::to_vec_pretty(&rec)?)?;
         let out = serde_json::json!({
             "id": id, "image": img.id, "dir": rec.dir, "upper": rec.upper, "objects": img.devices.len(),
             "content_bytes": img.content_bytes(), "stored_bytes": img.stored_bytes(), "frontend": self.kind().name(), "fsid": rec.fsid,

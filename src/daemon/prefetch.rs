@@ -25,7 +25,7 @@ use erofs::tree::{Digest, FileData};
 
 use super::core::Core;
 use super::images::Image;
-use crate::oci::index_image;
+use crate::index;
 
 /// Listed files read at once (each may wait on one download).
 pub const PARALLEL: usize = 6;
@@ -38,7 +38,7 @@ fn objects_of(img: &Image) -> Result<ObjectPaths> {
     let reader = erofs::reader::Image::open(&bytes[..]).context("opening the EROFS index")?;
     let tree = reader.read_tree().context("reading the EROFS index")?;
     let (mut by_path, mut by_digest) = (HashMap::new(), HashMap::new());
-    for (path, data) in index_image::regular_files(&tree) {
+    for (path, data) in index::regular_files(&tree) {
         if let FileData::External { digest, .. } = data {
             by_digest.entry(*digest).or_insert_with(|| path.clone());
             by_path.insert(path, *digest);
@@ -156,7 +156,7 @@ impl Prefetches {
                 Ok(t) => t,
                 Err(e) => return tracing::warn!(error = %format!("{e:#}"), "reading the prefetch list"),
             };
-            let entries: HashMap<Digest, crate::oci::objmap::ObjectEntry> =
+            let entries: HashMap<Digest, crate::object::ObjectEntry> =
                 img.devices.iter().map(|e| (e.digest, *e)).collect();
             let todo: Vec<_> = todo.iter().filter_map(|(_, d)| entries.get(d).copied()).collect();
             let (next, done) = (AtomicUsize::new(0), AtomicUsize::new(0));

@@ -14,8 +14,8 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use super::types::{sha256_digest, Descriptor, ImageManifest, MT_DOCKER_MANIFEST, MT_OCI_CONFIG};
-use super::verify::VerifyingReader;
 use super::{RawManifest, Repo};
+use crate::object::verify::VerifyingReader;
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]

@@ -3,18 +3,17 @@
 //! atomically, last, so a failed write leaves no tag pointing at a partial image.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{bail, Context, Result};
 
 use super::types::{digest_hex, sha256_digest, Descriptor, ImageIndex, MT_OCI_INDEX};
-use super::verify::VerifyingReader;
 use super::{RawManifest, Repo};
+use crate::object::atomic::{self, write_atomic, Place};
+use crate::object::verify::VerifyingReader;
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
-static SEQ: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug)]
 pub struct Layout {
@@ -50,26 +49,6 @@ impl Layout {
         let bytes = fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
         serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", p.display()))
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_name(path);
-    let r = (|| -> io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if r.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    r.with_context(|| format!("writing {}", path.display()))
-}
-
-fn tmp_name(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp.{}.{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)))
 }
 
 impl Repo for Layout {
@@ -123,22 +102,17 @@ impl Repo for Layout {
         if dest.is_file() {
             return Ok(false);
         }
-        let tmp = tmp_name(&dest);
-        let r = (|| -> Result<()> {
+        atomic::create(&dest, Place::Replace, |tmp| {
             // Same file system: a hard link keeps the staged file for the caller; else copy.
-            if fs::hard_link(path, &tmp).is_err() {
-                let mut out = File::create(&tmp)?;
+            if fs::hard_link(path, tmp).is_err() {
+                let mut out = File::create(tmp)?;
                 let mut src = VerifyingReader::new(File::open(path)?, digest, Some(size));
                 io::copy(&mut src, &mut out)?;
                 out.sync_all()?;
             }
-            fs::rename(&tmp, &dest)?;
             Ok(())
-        })();
-        if r.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        r.with_context(|| format!("storing blob {digest} in {}", self.describe()))?;
+        })
+        .with_context(|| format!("storing blob {digest} in {}", self.describe()))?;
         Ok(true)
     }
 

@@ -1,15 +1,13 @@
 //! Image transports and documents: references like skopeo's (`oci:DIR[:TAG]`,
-//! `docker-archive:FILE`, `docker://HOST/REPO:TAG`), one [`Repo`] interface over all of them, and
-//! wisp's index image format ([`index_image`], [`objmap`]).
+//! `docker-archive:FILE`, `docker://HOST/REPO:TAG`), one [`Repo`] interface over all of them
+//! ([`layout`], [`registry`], [`archive`]), and the OCI manifest, index and config documents
+//! ([`types`]). What wisp stores in them, its index image, is [`crate::index`].
 
 pub mod archive;
 pub mod hosts;
-pub mod index_image;
 pub mod layout;
-pub mod objmap;
 pub mod registry;
 pub mod types;
-pub mod verify;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

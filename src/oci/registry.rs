@@ -38,8 +38,8 @@ use oci_client::{Client, Reference, RegistryOperation};
 
 use super::hosts::{self, Host};
 use super::types::{sha256_digest, ACCEPTED_MANIFESTS};
-use super::verify::VerifyingReader;
 use super::{RawManifest, Repo, TransportOptions};
+use crate::object::verify::VerifyingReader;
 
 pub struct Registry {
     rt: tokio::runtime::Runtime,

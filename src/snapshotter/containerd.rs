@@ -25,7 +25,7 @@ use containerd_client::services::v1::{InfoRequest, ListContentRequest, ListImage
 use containerd_snapshots::tonic;
 use containerd_snapshots::tonic::transport::Channel;
 
-use crate::oci::index_image;
+use crate::index;
 use crate::oci::types::ImageManifest;
 
 /// A client of containerd's content service.
@@ -144,7 +144,7 @@ impl Query<'_> {
             Err(e) => return Err(e),
         };
         let Ok(m) = serde_json::from_slice::<ImageManifest>(&bytes) else { return Ok(false) };
-        Ok(m.annotations.get(index_image::ANN_FORMAT).map(String::as_str) == Some(index_image::FORMAT_VERSION)
+        Ok(m.annotations.get(index::ANN_FORMAT).map(String::as_str) == Some(index::FORMAT_VERSION)
             && matches!(m.layers.as_slice(), [l] if l.digest == layer))
     }
 

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -63,11 +62,7 @@ impl Db {
     /// Writes the document atomically and durably.
     pub fn save(&self, root: &Path) -> Result<()> {
         let p = Db::path(root);
-        let tmp = root.join(format!(".metadata.json.tmp-{}", std::process::id()));
-        let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(&serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all().with_context(|| format!("fsync {}", tmp.display()))?;
-        fs::rename(&tmp, &p).with_context(|| format!("renaming {} to {}", tmp.display(), p.display()))?;
+        crate::object::atomic::write_atomic(&p, &serde_json::to_vec_pretty(self)?)?;
         fs::File::open(root).and_then(|d| d.sync_all()).with_context(|| format!("fsync {}", root.display()))
     }
 

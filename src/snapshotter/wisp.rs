@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use super::containerd::ContainerdClient;
 use crate::daemon::images::read_local_index;
 use crate::daemon::protocol::{self, FrontendKind, MountRequest, Request};
-use crate::oci::index_image;
-use crate::oci::layout::write_atomic;
+use crate::index;
+use crate::object::atomic::write_atomic;
 use crate::oci::types::sha256_digest;
 
 /// How to reach the daemon and the objects.
@@ -141,7 +141,7 @@ impl Wisp {
         let diff_id = name.splitn(3, '/').nth(2).unwrap_or_default();
         let index_dir = fs_dir.join("wisp");
         let local = read_local_index(&index_dir)?;
-        let tar = index_image::layer_tar(&local.erofs, &local.map, local.prefetch.as_deref())?;
+        let tar = index::layer_tar(&local.erofs, &local.map, local.prefetch.as_deref())?;
         let rebuilt = sha256_digest(&tar);
         if rebuilt != diff_id {
             bail!(

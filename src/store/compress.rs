@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use erofs::tree::Digest;
 use sha2::{Digest as _, Sha256};
 
-use crate::oci::objmap::{Compression, ObjectEntry};
+use crate::object::{Compression, ObjectEntry};
 
 /// How objects are compressed.
 #[derive(Debug, Clone, Copy)]

@@ -17,8 +17,9 @@ use anyhow::{bail, Context, Result};
 use erofs::tree::Digest;
 
 use super::ObjectStore;
-use crate::oci::objmap::{Compression, ObjectEntry};
-use crate::oci::verify::VerifyingReader;
+use crate::object::atomic::{self, Place};
+use crate::object::verify::VerifyingReader;
+use crate::object::{Compression, ObjectEntry};
 
 const MARKER: &str = "wisp-store.json";
 const MARKER_BODY: &[u8] = br#"{"layout":"wisp-objects","version":1}"#;
@@ -36,23 +37,22 @@ impl DirStore {
                 bail!("{}: not a wisp object store (no {MARKER})", root.display());
             }
             fs::create_dir_all(root.join("objects")).with_context(|| format!("creating {}", root.display()))?;
-            crate::oci::layout::write_atomic(&marker, MARKER_BODY)?;
+            atomic::write_atomic(&marker, MARKER_BODY)?;
         }
         Ok(DirStore { root: root.to_path_buf() })
     }
 
     pub fn path(&self, digest: &Digest, compression: Compression) -> PathBuf {
-        let hex = hex::encode(digest);
-        let name = match compression {
-            Compression::None => hex.clone(),
-            Compression::Zstd => format!("{hex}.zst"),
-        };
-        self.root.join("objects").join(&hex[..2]).join(name)
+        let raw = crate::object::path_in(&self.root.join("objects"), digest);
+        match compression {
+            Compression::None => raw,
+            Compression::Zstd => raw.with_extension("zst"),
+        }
     }
 }
 
 fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
-    crate::objects::hash_reader(io::BufReader::with_capacity(1 << 20, File::open(path)?))
+    crate::object::verify::hash_reader(io::BufReader::with_capacity(1 << 20, File::open(path)?))
 }
 
 impl ObjectStore for DirStore {
@@ -88,12 +88,8 @@ impl ObjectStore for DirStore {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         // Staging lives on this file system (staging_parent), so a rename is atomic.
         if fs::rename(staged, &dest).is_err() {
-            let tmp = dir.join(format!(".tmp.{}.{}", hex::encode(obj.digest), std::process::id()));
-            let r = fs::copy(staged, &tmp).and_then(|_| fs::rename(&tmp, &dest));
-            if r.is_err() {
-                let _ = fs::remove_file(&tmp);
-            }
-            r.with_context(|| format!("storing object {} in {}", hex::encode(obj.digest), self.describe()))?;
+            atomic::create(&dest, Place::Replace, |tmp| Ok(fs::copy(staged, tmp).map(drop)?))
+                .with_context(|| format!("storing object {} in {}", hex::encode(obj.digest), self.describe()))?;
         }
         Ok(true)
     }

@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use erofs::tree::Digest;
 
-use crate::oci::objmap::{Compression, ObjectEntry};
+use crate::object::ObjectEntry;
 use crate::oci::{ImageRef, Repo};
 
 /// Where objects are kept.
@@ -151,19 +151,6 @@ pub fn fetch_verified_by(
         None => store.open(obj),
     }
     .with_context(what)?;
-    let hex_digest = format!("sha256:{}", hex::encode(obj.digest));
-    match obj.compression {
-        Compression::None => {
-            let mut content = crate::oci::verify::VerifyingReader::new(stored, &hex_digest, Some(obj.size));
-            std::io::copy(&mut content, out).with_context(what)?;
-        }
-        Compression::Zstd => {
-            let mut dec = zstd::stream::read::Decoder::new(stored).with_context(what)?;
-            let mut content = crate::oci::verify::VerifyingReader::new(&mut dec, &hex_digest, Some(obj.size));
-            std::io::copy(&mut content, out).with_context(what)?;
-            // Read the stored bytes to their end so their blob digest is checked too.
-            crate::oci::verify::drain(&mut dec.finish()).with_context(what)?;
-        }
-    }
+    crate::object::verify::copy_content(obj, stored, out).with_context(what)?;
     Ok(())
 }

@@ -34,7 +34,7 @@ use crate::daemon::images::Image;
 use crate::daemon::mounts::{MountRecord, Mounts};
 use crate::daemon::protocol::FrontendKind;
 use crate::daemon::{worker, Config};
-use crate::oci::objmap::ObjectEntry;
+use crate::object::ObjectEntry;
 
 /// Label of the fd message the supervisor sends (fanotify group + control listener).
 pub const FDS_LABEL: &str = "wisp-daemon";

@@ -24,7 +24,7 @@ use super::images::Image;
 use super::mounts::MountRecord;
 use super::protocol::FrontendKind;
 use super::Config;
-use crate::oci::objmap::ObjectEntry;
+use crate::object::ObjectEntry;
 
 /// What a kernel interface does for the daemon's worker. [`super::mounts::Mounts`] calls it around the
 /// core's bookkeeping: per object as images register and release it, per mount as its EROFS lower is

@@ -1,6 +1,7 @@
-//! `wisp pull --eager`: fetch an index image and every object it references, verify each object
-//! (blob digest of the stored bytes, sha256 of the content), and materialize the tree with real
-//! ownership, modes, nanosecond mtimes, xattrs, device numbers and hard links. Runs as root.
+//! `wisp pull --eager`, the inverse of `wisp convert`: fetch an index image and every object it
+//! references, verify each object (blob digest of the stored bytes, sha256 of the content), and
+//! materialize the tree with real ownership, modes, nanosecond mtimes, xattrs, device numbers and
+//! hard links. Runs as root.
 //!
 //! Objects are fetched in parallel into a staging directory beside DIR (never inside it); metadata
 //! is applied in the order that keeps it: owner, then mode (chown clears setuid bits), then xattrs
@@ -21,8 +22,8 @@ use erofs::tree::{Digest, FileData, Inode, InodeId, Kind, Tree, ROOT};
 use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps, CWD};
 use serde::Serialize;
 
-use crate::oci::index_image;
-use crate::oci::objmap::ObjectEntry;
+use crate::index;
+use crate::object::ObjectEntry;
 use crate::oci::Repo;
 use crate::store::{fetch_verified, ObjectStore};
 
@@ -51,7 +52,7 @@ pub fn pull_eager(
     progress: bool,
 ) -> Result<PullSummary> {
     let start = Instant::now();
-    let pulled = index_image::read(repo).with_context(|| format!("reading the index image {}", repo.describe()))?;
+    let pulled = index::read(repo).with_context(|| format!("reading the index image {}", repo.describe()))?;
     let image = erofs::reader::Image::open(pulled.erofs.as_slice()).context("opening the EROFS index")?;
     let tree = image.read_tree().context("reading the EROFS index")?;
     let map: HashMap<Digest, ObjectEntry> = pulled.objects.iter().map(|e| (e.digest, *e)).collect();
@@ -59,7 +60,7 @@ pub fn pull_eager(
     let mut needed: Vec<ObjectEntry> = Vec::new();
     let mut uses: HashMap<Digest, usize> = HashMap::new();
     let mut files = 0;
-    let reach = crate::tree::merge::reachable(&tree);
+    let reach = crate::changeset::merge::reachable(&tree);
     for &id in &reach {
         if let Kind::Regular(data) = &tree.inodes[id].kind {
             files += 1;
@@ -122,7 +123,7 @@ fn fetch_all(
     jobs: usize,
     progress: bool,
 ) -> Result<()> {
-    let pb = progress.then(|| super::progress::bytes(needed.iter().map(|e| e.stored_size).sum(), "objects"));
+    let pb = progress.then(|| crate::progress::bytes(needed.iter().map(|e| e.stored_size).sum(), "objects"));
     let next = Mutex::new(0usize);
     let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
     std::thread::scope(|s| {

@@ -289,7 +289,7 @@ pub fn reachable(tree: &Tree) -> Vec<InodeId> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tree::split_name;
+    use crate::changeset::split_name;
 
     fn e(path: &str, kind: EntryKind) -> Entry {
         Entry {

@@ -16,32 +16,10 @@
 //! A reader fetches the blob, checks its size and blob digest, decompresses, and checks the content
 //! digest and size.
 
-use erofs::tree::Digest;
+use crate::object::{Compression, ObjectEntry};
 
 pub const MAGIC: &[u8; 8] = b"WISPMAP1";
 const ENTRY: usize = 88;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Compression {
-    None,
-    Zstd,
-}
-
-/// One stored object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ObjectEntry {
-    pub digest: Digest,
-    pub blob: Digest,
-    pub size: u64,
-    pub stored_size: u64,
-    pub compression: Compression,
-}
-
-impl ObjectEntry {
-    pub fn blob_digest(&self) -> String {
-        format!("sha256:{}", hex::encode(self.blob))
-    }
-}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MapError {

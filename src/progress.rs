@@ -1,4 +1,4 @@
-//! Progress bars on stderr (hidden when stderr is not a terminal).
+//! Progress bars on stderr (hidden when stderr is not a terminal), for `wisp convert` and `wisp pull`.
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 

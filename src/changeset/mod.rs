@@ -1,10 +1,17 @@
-//! Layer merge: OCI image layers (tar changesets, image-spec `layer.md`) applied in order onto one
-//! [`erofs::tree::Tree`].
+//! Layer changesets: OCI image layers (tar archives of changes, image-spec `layer.md`, "Layer
+//! Changesets") parsed member by member and applied in order onto one [`erofs::tree::Tree`].
+//!
+//! The name is the image spec's for what a layer is: a changeset over the layers below it. It is
+//! not `tree` (that is [`erofs::tree`], the model this module builds) nor `layers` (that is
+//! [`crate::convert::layers`], which fetches and decompresses the layer blobs this module parses).
 //!
 //! - [`entry`] turns one tar member (ustar, PAX, GNU; long names, PAX xattrs, sparse members) into a
 //!   validated [`entry::Entry`];
+//! - [`tarstream`] reads tar members with bounded extension headers, [`sparse`] expands sparse
+//!   members;
 //! - [`merge`] applies entries to the tree with the spec's whiteout, opaque-directory and
-//!   replacement rules.
+//!   replacement rules;
+//! - [`limits`] bounds what a hostile layer may cost.
 //!
 //! File contents never pass through here: the caller streams them and hands the merge a
 //! [`erofs::tree::FileData`].

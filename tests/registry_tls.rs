@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::daemon::{require_fanotify, Daemon};
 use common::{compare_trees, have, is_root, require, run, wisp_bin, CompareOptions};
 
 const UPSTREAM: u16 = 5160;
@@ -27,11 +28,7 @@ fn can_run() -> bool {
     if !require(is_root(), "needs root (mounts, fanotify)") {
         return false;
     }
-    let ok = fscache::fanotify::Group::new().and_then(|g| {
-        fs::create_dir_all("/var/tmp").ok();
-        g.probe(Path::new("/var/tmp"))
-    });
-    require(ok.is_ok(), &format!("fanotify pre-content marks unavailable: {:?}", ok.err()))
+    require_fanotify()
         && require(Path::new("/usr/bin/docker-registry").exists(), "docker-registry is not installed (scripts/setup)")
         && require(have("htpasswd"), "htpasswd is not installed (apache2-utils, scripts/setup)")
         && require(have("openssl") && have("umoci") && have("skopeo"), "openssl, umoci, skopeo (scripts/setup)")
@@ -96,65 +93,17 @@ impl Drop for Registry {
     }
 }
 
-/// A running `wisp daemon` with its own cache and the given environment; stopped on drop.
-struct Daemon {
-    child: Child,
-    state: PathBuf,
-    mounts: Vec<PathBuf>,
+/// A `wisp daemon` in `dir` with the node's registry configuration in `env`.
+fn daemon(dir: &Path, env: &[(&str, &Path)]) -> Daemon {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.to_str().unwrap())).collect();
+    Daemon::start(dir, &env)
 }
 
-impl Daemon {
-    fn start(dir: &Path, env: &[(&str, &Path)]) -> Daemon {
-        let state = dir.join("state");
-        fs::create_dir_all(dir).unwrap();
-        let mut cmd = Command::new(wisp_bin());
-        cmd.args(["daemon", "--cache"]).arg(dir.join("cache")).arg("--state").arg(&state).env("WISP_LOG", "info");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.stderr(fs::File::create(dir.join("daemon.log")).unwrap()).stdout(Stdio::null());
-        let d = Daemon { child: cmd.spawn().unwrap(), state, mounts: Vec::new() };
-        let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(d.state.join("control.sock")).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(30), "daemon did not start; see {}", dir.display());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn mount(&mut self, image: &str, dir: &Path) {
-        fs::create_dir_all(dir).unwrap();
-        run(Command::new(wisp_bin()).args(["mount", image]).arg(dir).arg("--state").arg(&self.state));
-        self.mounts.push(dir.to_owned());
-    }
-
-    /// Object blob digests of the one mounted image (its object map, as the daemon pulled it).
-    fn object_blobs(&self) -> Vec<String> {
-        let sock = self.state.join("control.sock");
-        let st = wisp::daemon::protocol::call(&sock, &wisp::daemon::protocol::Request::Status, None).unwrap();
-        let id = st["mounts"][0]["image"].as_str().unwrap().to_owned();
-        let map = fs::read(self.state.join("images").join(id).join("objects.map")).unwrap();
-        wisp::index::objmap::decode(&map).unwrap().iter().map(|e| e.blob_digest()).collect()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        for m in self.mounts.clone() {
-            let _ = Command::new(wisp_bin()).arg("umount").arg(&m).arg("--state").arg(&self.state).status();
-        }
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Object blob digests of the one mounted image (its object map, as the daemon pulled it).
+fn object_blobs(d: &Daemon) -> Vec<String> {
+    let id = d.status()["mounts"][0]["image"].as_str().unwrap().to_owned();
+    let map = fs::read(d.state.join("images").join(id).join("objects.map")).unwrap();
+    wisp::index::objmap::decode(&map).unwrap().iter().map(|e| e.blob_digest()).collect()
 }
 
 /// `wisp ARGS` with `env`: (success, stdout + stderr).
@@ -253,6 +202,28 @@ fn tls_auth_mirror_and_pull_through_cache() {
     assert!(!ok && out.contains("refused the credentials") && out.contains("docker-bad"), "wrong password: {out}");
     let (ok, out) = wisp_env(&convert, &[("WISP_HOSTS_DIR", &hosts), ("DOCKER_CONFIG", &no_creds)]);
     assert!(!ok && out.contains("wants credentials"), "no credentials: {out}");
+    // Credentials from a docker credential helper (credHelpers), here one that gives a wrong password.
+    let bin = tmp.join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    for (name, pw) in [("wisptest", PASSWORD), ("wispbad", "nope")] {
+        let helper = bin.join(format!("docker-credential-{name}"));
+        fs::write(
+            &helper,
+            format!("#!/bin/sh\n[ \"$1\" = get ] || exit 1\nread host\n[ \"$host\" = {up_host} ] || {{ echo credentials not found in native keychain; exit 1; }}\necho '{{\"ServerURL\":\"{up_host}\",\"Username\":\"{USER}\",\"Secret\":\"{pw}\"}}'\n"),
+        )
+        .unwrap();
+        fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let path = PathBuf::from(format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()));
+    let helper_config = |name: &str| {
+        let d = tmp.join(format!("docker-helper-{name}"));
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("config.json"), format!("{{\"credHelpers\": {{\"{up_host}\": \"{name}\"}}}}")).unwrap();
+        d
+    };
+    let (good_helper, bad_helper) = (helper_config("wisptest"), helper_config("wispbad"));
+    let (ok, out) = wisp_env(&convert, &[("WISP_HOSTS_DIR", &hosts), ("DOCKER_CONFIG", &bad_helper), ("PATH", &path)]);
+    assert!(!ok && out.contains("refused the credentials from docker-credential-wispbad"), "helper: {out}");
     assert!(upstream.blobs_served(0).is_empty());
 
     // Convert and pull over TLS with credentials; the pulled tree equals umoci's.
@@ -274,9 +245,9 @@ fn tls_auth_mirror_and_pull_through_cache() {
 
     // A lazy start over TLS with credentials.
     {
-        let mut d = Daemon::start(&tmp.join("node0"), &node_env);
+        let mut d = daemon(&tmp.join("node0"), &node_env);
         let mnt = tmp.join("node0/mnt");
-        d.mount(&image, &mnt);
+        d.mount(&image, &mnt, &[]);
         read_and_check(&mnt, &oracle);
     }
 
@@ -295,14 +266,16 @@ fn tls_auth_mirror_and_pull_through_cache() {
         ),
     )
     .unwrap();
-    let mirror_env: [(&str, &Path); 2] = [("WISP_HOSTS_DIR", &with_mirror), ("DOCKER_CONFIG", &creds)];
+    // This node's credentials come from the helper.
+    let mirror_env: [(&str, &Path); 3] =
+        [("WISP_HOSTS_DIR", &with_mirror), ("DOCKER_CONFIG", &good_helper), ("PATH", &path)];
     {
-        let mut d = Daemon::start(&tmp.join("node1"), &mirror_env);
+        let mut d = daemon(&tmp.join("node1"), &mirror_env);
         let mnt = tmp.join("node1/mnt");
         let (up0, m0) = (upstream.log_len(), mirror.log_len());
-        d.mount(&image, &mnt);
+        d.mount(&image, &mnt, &[]);
         // Remove every other object from the mirror (the registry's delete API).
-        let objects: BTreeSet<String> = d.object_blobs().into_iter().collect();
+        let objects: BTreeSet<String> = object_blobs(&d).into_iter().collect();
         let removed: HashSet<String> = objects.iter().step_by(2).cloned().collect();
         for b in &removed {
             let code = run(Command::new("curl").args([
@@ -364,11 +337,11 @@ fn tls_auth_mirror_and_pull_through_cache() {
     let mut served_by_proxy = Vec::new();
     for node in ["node2", "node3"] {
         let (up0, p0) = (upstream.log_len(), proxy.log_len());
-        let mut d = Daemon::start(&tmp.join(node), &proxy_env);
+        let mut d = daemon(&tmp.join(node), &proxy_env);
         let mnt = tmp.join(node).join("mnt");
-        d.mount(&image, &mnt);
+        d.mount(&image, &mnt, &[]);
         read_and_check(&mnt, &oracle);
-        let objects: HashSet<String> = d.object_blobs().into_iter().collect();
+        let objects: HashSet<String> = object_blobs(&d).into_iter().collect();
         let (from_up, from_proxy) = (upstream.blobs_served(up0), proxy.blobs_served(p0));
         let n = from_proxy.iter().filter(|b| objects.contains(*b)).count();
         println!("{node}: {n} objects from the cache, upstream blobs: {}", from_up.len());

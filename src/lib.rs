@@ -4,7 +4,8 @@
 //!
 //! - `cli`: command-line parsing, one module per subcommand;
 //! - `oci`: image transports (OCI layout directories, registries, docker archives) behind one `Repo`
-//!   interface, and the OCI manifest, index and config documents;
+//!   interface, the node's registry host configuration (mirrors, CAs) and credentials, and the OCI
+//!   manifest, index and config documents;
 //! - `changeset`: OCI layer tars, parsed member by member and merged onto one EROFS tree;
 //! - `convert`: `wisp convert`, a source image into objects in a store and an index image;
 //! - `object`: the content object: its entry, compression, `<2 hex>/<64 hex>` path, padding, atomic

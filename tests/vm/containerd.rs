@@ -171,10 +171,10 @@ fn containerd_cachefiles_ctr_run() {
     assert!(pulled.len() <= 2, "the pull fetched more than the config and the index layer: {pulled:?}");
 
     // The image's objects, from the index layer containerd unpacked into the snapshotter.
-    let maps: Vec<Vec<wisp::oci::objmap::ObjectEntry>> = std::fs::read_dir(snap_root.join("snapshots"))
+    let maps: Vec<Vec<wisp::object::ObjectEntry>> = std::fs::read_dir(snap_root.join("snapshots"))
         .unwrap()
         .filter_map(|e| std::fs::read(e.unwrap().path().join("fs/wisp/objects.map")).ok())
-        .map(|b| wisp::oci::objmap::decode(&b).unwrap())
+        .map(|b| wisp::index::objmap::decode(&b).unwrap())
         .collect();
     assert_eq!(maps.len(), 1, "one unpacked wisp index layer");
     let stored: u64 = maps[0].iter().map(|e| e.stored_size).sum();

@@ -36,9 +36,9 @@ fn python_fixture_with_sibling(port: &str) -> PythonFixture {
 }
 
 /// The object map of a pulled image (`STATE/images/<id>/objects.map`), by content digest.
-fn image_objects(d: &GuestDaemon, id: &str) -> HashMap<Digest, wisp::oci::objmap::ObjectEntry> {
+fn image_objects(d: &GuestDaemon, id: &str) -> HashMap<Digest, wisp::object::ObjectEntry> {
     let bytes = std::fs::read(d.state.join("images").join(id).join("objects.map")).unwrap();
-    wisp::oci::objmap::decode(&bytes).unwrap().into_iter().map(|e| (e.digest, e)).collect()
+    wisp::index::objmap::decode(&bytes).unwrap().into_iter().map(|e| (e.digest, e)).collect()
 }
 
 /// Every regular file of a pulled image whose data is an external object: (path relative to the root,
@@ -46,7 +46,7 @@ fn image_objects(d: &GuestDaemon, id: &str) -> HashMap<Digest, wisp::oci::objmap
 fn image_files(d: &GuestDaemon, id: &str) -> Vec<(String, Digest, u64)> {
     let bytes = std::fs::read(d.state.join("images").join(id).join("index.erofs")).unwrap();
     let tree = erofs::reader::Image::open(&bytes[..]).unwrap().read_tree().unwrap();
-    let mut files: Vec<(String, Digest, u64)> = wisp::oci::index_image::regular_files(&tree)
+    let mut files: Vec<(String, Digest, u64)> = wisp::index::regular_files(&tree)
         .into_iter()
         .filter_map(|(p, data)| match data {
             FileData::External { size, digest } => {
@@ -167,7 +167,7 @@ fn daemon_cachefiles_tampered_object_eio() {
     let (image, key) = (rec["image"].as_str().unwrap().to_owned(), rec["id"].as_str().unwrap().to_owned());
     let objects = image_objects(&d, &image);
     let files = image_files(&d, &image);
-    use wisp::oci::objmap::Compression;
+    use wisp::object::Compression;
     let pick = |want: Compression| {
         files
             .iter()

@@ -11,10 +11,10 @@ mod common;
 use std::collections::{BTreeSet, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use common::daemon::{require_fanotify, Daemon};
+use common::tls::{Pki, Registry};
 use common::{compare_trees, have, is_root, require, run, wisp_bin, CompareOptions};
 
 const UPSTREAM: u16 = 5160;
@@ -32,65 +32,6 @@ fn can_run() -> bool {
         && require(Path::new("/usr/bin/docker-registry").exists(), "docker-registry is not installed (scripts/setup)")
         && require(have("htpasswd"), "htpasswd is not installed (apache2-utils, scripts/setup)")
         && require(have("openssl") && have("umoci") && have("skopeo"), "openssl, umoci, skopeo (scripts/setup)")
-}
-
-/// A `docker-registry serve` with its own config; killed on drop.
-struct Registry {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Registry {
-    /// `extra` is appended to the config (tls, auth, proxy sections); `env` goes to the process.
-    fn start(dir: &Path, port: u16, http_extra: &str, extra: &str, env: &[(&str, &Path)]) -> Registry {
-        fs::create_dir_all(dir).unwrap();
-        let config = format!(
-            "version: 0.1\nlog:\n  level: info\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n  redirect:\n    disable: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: wisp-test-{port}\n{http_extra}health:\n  storagedriver:\n    enabled: false\n{extra}",
-            root = dir.join("storage").display()
-        );
-        fs::write(dir.join("config.yml"), config).unwrap();
-        let log = dir.join("registry.log");
-        let mut cmd = Command::new("/usr/bin/docker-registry");
-        cmd.arg("serve").arg(dir.join("config.yml"));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        // The access log (one `"GET /v2/... HTTP/1.1" 200 SIZE` line per request) goes to stdout.
-        let f = fs::File::create(&log).unwrap();
-        cmd.stdout(f.try_clone().unwrap()).stderr(f);
-        let r = Registry { child: cmd.spawn().unwrap(), log };
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(20), "registry on {port} did not start: {}", r.log.display());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        r
-    }
-
-    fn log_len(&self) -> u64 {
-        fs::metadata(&self.log).unwrap().len()
-    }
-
-    /// Blob GETs answered 200 since byte `offset` of the log: digests.
-    fn blobs_served(&self, offset: u64) -> Vec<String> {
-        let bytes = fs::read(&self.log).unwrap();
-        String::from_utf8_lossy(&bytes[offset as usize..])
-            .lines()
-            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
-            .filter_map(|l| {
-                let digest = l.split("/blobs/").nth(1)?.split([' ', '?']).next()?.to_owned();
-                let status = l.split("HTTP/").nth(1)?.split("\" ").nth(1)?.split(' ').next()?;
-                (status == "200").then_some(digest)
-            })
-            .collect()
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A `wisp daemon` in `dir` with the node's registry configuration in `env`.
@@ -115,10 +56,6 @@ fn wisp_env(args: &[&str], env: &[(&str, &Path)]) -> (bool, String) {
     }
     let out = cmd.output().unwrap();
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
-
-fn sh(script: &str) {
-    run(Command::new("sh").args(["-ec", script]));
 }
 
 fn docker_config(dir: &Path, registry: &str, user: &str, password: &str) -> PathBuf {
@@ -159,24 +96,8 @@ fn tls_auth_mirror_and_pull_through_cache() {
     let src = format!("oci:{oci}/debian:a");
 
     // A private CA, the upstream's certificate for 127.0.0.1, another CA nobody trusts, a password file.
-    let pki = tmp.join("pki");
-    fs::create_dir_all(&pki).unwrap();
-    sh(&format!(
-        "cd {p}
-         openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=wisp-test-ca 2>/dev/null
-         openssl req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj /CN=127.0.0.1 2>/dev/null
-         printf 'subjectAltName=IP:127.0.0.1\\n' > san.ext
-         openssl x509 -req -in srv.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out srv.crt -days 2 -extfile san.ext 2>/dev/null
-         openssl req -x509 -newkey rsa:2048 -nodes -keyout other.key -out other.crt -days 2 -subj /CN=other-ca 2>/dev/null
-         htpasswd -Bbc htpasswd {USER} {PASSWORD} 2>/dev/null",
-        p = pki.display()
-    ));
-    let tls = format!(
-        "  tls:\n    certificate: {}\n    key: {}\n",
-        pki.join("srv.crt").display(),
-        pki.join("srv.key").display()
-    );
-    let auth = format!("auth:\n  htpasswd:\n    realm: wisp-test\n    path: {}\n", pki.join("htpasswd").display());
+    let pki = Pki::new(&tmp.join("pki"), USER, PASSWORD);
+    let (tls, auth) = (pki.tls_config(), pki.auth_config());
     let upstream = Registry::start(&tmp.join("upstream"), UPSTREAM, &tls, &auth, &[]);
     let up_host = format!("127.0.0.1:{UPSTREAM}");
     let image = format!("docker://{up_host}/wisp/debian:a");
@@ -184,14 +105,14 @@ fn tls_auth_mirror_and_pull_through_cache() {
     // The node's configuration: the CA in certs.d, the credentials in a docker config.
     let hosts = tmp.join("certs.d");
     fs::create_dir_all(hosts.join(&up_host)).unwrap();
-    fs::copy(pki.join("ca.crt"), hosts.join(&up_host).join("ca.crt")).unwrap();
+    fs::copy(pki.dir.join("ca.crt"), hosts.join(&up_host).join("ca.crt")).unwrap();
     let creds = docker_config(&tmp.join("docker"), &up_host, USER, PASSWORD);
     let bad_creds = docker_config(&tmp.join("docker-bad"), &up_host, USER, "wrong");
     let no_creds = tmp.join("docker-none");
     fs::create_dir_all(&no_creds).unwrap();
     let untrusted = tmp.join("certs.d-other");
     fs::create_dir_all(untrusted.join(&up_host)).unwrap();
-    fs::copy(pki.join("other.crt"), untrusted.join(&up_host).join("ca.crt")).unwrap();
+    fs::copy(pki.dir.join("other.crt"), untrusted.join(&up_host).join("ca.crt")).unwrap();
 
     // Refused with errors that say why: a certificate this node does not trust; wrong, then no
     // credentials.
@@ -258,7 +179,7 @@ fn tls_auth_mirror_and_pull_through_cache() {
     assert!(ok, "convert to the mirror: {out}");
     let with_mirror = tmp.join("certs.d-mirror");
     fs::create_dir_all(with_mirror.join(&up_host)).unwrap();
-    fs::copy(pki.join("ca.crt"), with_mirror.join(&up_host).join("ca.crt")).unwrap();
+    fs::copy(pki.dir.join("ca.crt"), with_mirror.join(&up_host).join("ca.crt")).unwrap();
     fs::write(
         with_mirror.join(&up_host).join("hosts.toml"),
         format!(
@@ -320,7 +241,7 @@ fn tls_auth_mirror_and_pull_through_cache() {
         PROXY,
         "",
         &format!("proxy:\n  remoteurl: https://{up_host}\n"),
-        &[("SSL_CERT_FILE", &pki.join("ca.crt"))],
+        &[("SSL_CERT_FILE", &pki.dir.join("ca.crt"))],
     );
     let proxy_host = format!("127.0.0.1:{PROXY}");
     let with_proxy = tmp.join("certs.d-proxy");
@@ -329,7 +250,7 @@ fn tls_auth_mirror_and_pull_through_cache() {
         with_proxy.join(&up_host).join("hosts.toml"),
         format!(
             "ca = \"{}\"\n\n[host.\"http://{proxy_host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            pki.join("ca.crt").display()
+            pki.dir.join("ca.crt").display()
         ),
     )
     .unwrap();

@@ -11,6 +11,7 @@ use std::process::Command;
 
 pub mod daemon;
 pub mod registry;
+pub mod tls;
 
 /// Skips (returns false) with a reason, or panics when `WISP_REQUIRE_ALL=1` (CI: a skip is a failure).
 pub fn require(ok: bool, why: &str) -> bool {

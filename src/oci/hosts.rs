@@ -126,6 +126,14 @@ pub fn parse(text: &str, hdir: &Path, registry: &str, plain_http: bool) -> Resul
     top.remove("host");
     top.remove("server");
     apply(&mut up, &top, hdir)?;
+    // A `host` table naming the upstream itself (containerd 1.6 wants at least one `host` table, so a
+    // file for one private registry has `[host."https://HOST"]` with its `ca`) configures the upstream:
+    // it is not a mirror in front of it.
+    if let Some(i) = hosts.iter().position(|h| h.host == up.host && h.http == up.http) {
+        let same = hosts.remove(i);
+        up.ca.extend(same.ca);
+        up.skip_verify |= same.skip_verify;
+    }
     hosts.push(up);
     Ok(hosts)
 }
@@ -210,6 +218,16 @@ ca = "up.pem"
         // `server` names the upstream's scheme; plain_http does not override it.
         assert_eq!((h[2].host.as_str(), h[2].http, h[2].mirror), ("reg.example:5000", false, false));
         assert_eq!(h[2].ca, [PathBuf::from("/d/reg.example:5000/up.pem")]);
+    }
+
+    /// A `host` table naming the upstream configures it (containerd 1.6's way to give it a CA).
+    #[test]
+    fn host_table_of_the_upstream_is_the_upstream() {
+        let text = "server = \"https://r:5\"\n[host.\"https://r:5\"]\n  ca = \"ca.crt\"\n";
+        let h = parse(text, Path::new("/d/r:5"), "r:5", false).unwrap();
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(!h[0].mirror);
+        assert_eq!(h[0].ca, [PathBuf::from("/d/r:5/ca.crt")]);
     }
 
     #[test]

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{compare_trees, corpus_oci, have, is_root, repo_root, require, run, wisp_bin, CompareOptions};
+use common::{
+    compare_trees, corpus_oci, have, is_root, repo_root, require, run, umoci_unpack, wisp_bin, CompareOptions,
+};
 
 const FAMILIES: &[(&str, &[&str])] = &[("debian", &["a", "b"]), ("python", &["v1", "v2"]), ("node", &["v1", "v2"])];
 
@@ -29,19 +31,6 @@ fn env_lines(out: &str) -> BTreeMap<String, String> {
 
 fn wisp(args: &[&str]) -> String {
     run(Command::new(wisp_bin()).args(args))
-}
-
-/// `umoci unpack` of `layout:tag` into `out`; layers umoci cannot read (zstd, plain tar) are first
-/// recompressed to gzip by skopeo (the tar bytes, and so the tree, stay the same).
-fn umoci_unpack(layout: &Path, tag: &str, tmp: &Path) -> PathBuf {
-    let gz = tmp.join(format!("gz-{tag}"));
-    run(Command::new("skopeo")
-        .args(["copy", "--quiet", "--dest-compress", "--dest-compress-format", "gzip"])
-        .arg(format!("oci:{}:{tag}", layout.display()))
-        .arg(format!("oci:{}:{tag}", gz.display())));
-    let bundle = tmp.join(format!("umoci-{tag}"));
-    run(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:{tag}", gz.display())).arg(&bundle));
-    bundle.join("rootfs")
 }
 
 fn assert_same(expected: &Path, actual: &Path, what: &str) {

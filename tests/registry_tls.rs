@@ -15,7 +15,7 @@ use std::process::Command;
 
 use common::daemon::{require_fanotify, Daemon};
 use common::tls::{Pki, Registry};
-use common::{compare_trees, have, is_root, require, run, wisp_bin, CompareOptions};
+use common::{compare_trees, have, is_root, require, run, umoci_unpack, wisp_bin, CompareOptions};
 
 const UPSTREAM: u16 = 5160;
 const MIRROR: u16 = 5161;
@@ -151,13 +151,7 @@ fn tls_auth_mirror_and_pull_through_cache() {
     let node_env: [(&str, &Path); 2] = [("WISP_HOSTS_DIR", &hosts), ("DOCKER_CONFIG", &creds)];
     let (ok, out) = wisp_env(&convert, &node_env);
     assert!(ok, "convert over TLS with credentials: {out}");
-    let gz = tmp.join("gz");
-    run(Command::new("skopeo")
-        .args(["copy", "--quiet", "--dest-compress", "--dest-compress-format", "gzip"])
-        .arg(&src)
-        .arg(format!("oci:{}:a", gz.display())));
-    run(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:a", gz.display())).arg(tmp.join("umoci")));
-    let oracle = tmp.join("umoci/rootfs");
+    let oracle = umoci_unpack(&Path::new(&oci).join("debian"), "a", &tmp);
     let pulled = tmp.join("pulled");
     let (ok, out) = wisp_env(&["pull", "--eager", image.as_str(), pulled.to_str().unwrap()], &node_env);
     assert!(ok, "pull over TLS with credentials: {out}");

@@ -48,19 +48,17 @@ pub struct Host {
     pub mirror: bool,
 }
 
+impl Host {
+    /// A host with every capability, no CA of its own, and certificates verified.
+    fn new(host: String, http: bool, mirror: bool) -> Host {
+        Host { host, http, pull: true, resolve: true, push: true, ca: Vec::new(), skip_verify: false, mirror }
+    }
+}
+
 /// The hosts to try for `registry` (as named in a reference, with its port), mirrors first in order,
 /// the upstream last. `plain_http` makes the upstream plain HTTP when no `server` says otherwise.
 pub fn resolve(dir: &Path, registry: &str, plain_http: bool) -> Result<Vec<Host>> {
-    let upstream = |http| Host {
-        host: registry.to_owned(),
-        http,
-        pull: true,
-        resolve: true,
-        push: true,
-        ca: Vec::new(),
-        skip_verify: false,
-        mirror: false,
-    };
+    let upstream = |http| Host::new(registry.to_owned(), http, false);
     let Some(hdir) = [registry, "_default"].iter().map(|h| dir.join(h)).find(|d| d.is_dir()) else {
         return Ok(vec![upstream(plain_http)]);
     };
@@ -102,16 +100,7 @@ pub fn parse(text: &str, hdir: &Path, registry: &str, plain_http: bool) -> Resul
         for (url, v) in t {
             let v = v.as_table().with_context(|| format!("host {url:?} is not a table"))?;
             let (host, http) = split_url(url).with_context(|| format!("host {url:?}"))?;
-            let mut h = Host {
-                host,
-                http,
-                pull: true,
-                resolve: true,
-                push: true,
-                ca: Vec::new(),
-                skip_verify: false,
-                mirror: true,
-            };
+            let mut h = Host::new(host, http, true);
             apply(&mut h, v, hdir).with_context(|| format!("host {url:?}"))?;
             hosts.push(h);
         }
@@ -120,8 +109,7 @@ pub fn parse(text: &str, hdir: &Path, registry: &str, plain_http: bool) -> Resul
         Some(s) => split_url(s.as_str().context("`server` is not a string")?).context("`server`")?,
         None => (registry.to_owned(), plain_http),
     };
-    let mut up =
-        Host { host, http, pull: true, resolve: true, push: true, ca: Vec::new(), skip_verify: false, mirror: false };
+    let mut up = Host::new(host, http, false);
     let mut top = doc.clone();
     top.remove("host");
     top.remove("server");

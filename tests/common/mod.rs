@@ -344,3 +344,16 @@ pub fn data_extents(path: &Path) -> Vec<(u64, u64)> {
     }
     out
 }
+
+/// `umoci unpack` of `layout:tag` under `tmp` (returns its rootfs); layers umoci cannot read (zstd, plain tar) are first
+/// recompressed to gzip by skopeo (the tar bytes, and so the tree, stay the same).
+pub fn umoci_unpack(layout: &Path, tag: &str, tmp: &Path) -> PathBuf {
+    let gz = tmp.join(format!("gz-{tag}"));
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-compress", "--dest-compress-format", "gzip"])
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(format!("oci:{}:{tag}", gz.display())));
+    let bundle = tmp.join(format!("umoci-{tag}"));
+    run(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:{tag}", gz.display())).arg(&bundle));
+    bundle.join("rootfs")
+}

@@ -87,7 +87,7 @@ impl Registry {
     /// Blob GETs answered 200 since byte `offset` of the log: digests.
     pub fn blobs_served(&self, offset: u64) -> Vec<String> {
         let bytes = fs::read(&self.log).unwrap();
-        String::from_utf8_lossy(&bytes[offset as usize..])
+        String::from_utf8_lossy(&bytes[usize::try_from(offset).unwrap()..])
             .lines()
             .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
             .filter_map(|l| {
